@@ -1,0 +1,346 @@
+"""The typed schema of the unified YAML: load, apply dotted overrides, validate, report every problem at once.
+
+Every field carries its default and description here; the README's config reference is generated from
+these descriptions (`python -m ltxv_tuner.config --markdown`), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+MIXED_PRECISION = Literal["no", "fp16", "bf16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_video_dims(width: int, height: int, frames: int) -> list[str]:
+    """Problems with a [width, height, frames] triple for the LTXV VAE (32x spatial, 8x temporal)."""
+    problems = []
+    for name, value in (("width", width), ("height", height)):
+        if value < 32 or value % 32:
+            lo = max(32, value // 32 * 32)
+            problems.append(f"{name} must be a positive multiple of 32, got {value} (use {lo} or {lo + 32})")
+    if frames < 1 or (frames - 1) % 8:
+        lo = max(1, (frames - 1) // 8 * 8 + 1)
+        problems.append(f"frames must be 8n+1 (1, 9, 17, 25, ...), got {frames} (use {lo} or {lo + 8})")
+    return problems
+
+
+class PreprocessingConfig(_Section):
+    batch_size: int = Field(1, ge=1, description="Clips encoded by the VAE at once (same bucket only).")
+    num_workers: int = Field(
+        0, ge=0, description="Background threads decoding videos while the VAE encodes (0 = decode inline)."
+    )
+    vae_tiling: bool = Field(False, description="Tiled VAE encoding: lower memory for large frames, slightly slower.")
+    decode_videos: bool = Field(
+        False,
+        description="Decode the cached latents back to mp4 under .precomputed/decoded/ to check what the model sees.",
+    )
+    max_text_length: int = Field(128, ge=8, le=1024, description="T5 token length of the cached caption embeddings.")
+    frame_sampling: Literal["start", "center"] = Field(
+        "start", description="Where the bucket's frames are taken from in a longer clip: its start or its middle."
+    )
+    prune: bool = Field(
+        False, description="Delete cache files no clip of this config refers to (other configs may share them)."
+    )
+
+
+class DatasetConfig(_Section):
+    data_folder: str = Field(..., description="Folder of clip.mp4 + clip.txt pairs; the cache lives in .precomputed/.")
+    resolution_buckets: list[list[int]] = Field(
+        default_factory=lambda: [[768, 768, 97]],
+        description="[width, height, frames] shapes; each clip goes to the best-fitting one. "
+        "Width/height multiples of 32, frames 8n+1.",
+    )
+    id_token: str | None = Field(None, description="Trigger word prepended to every caption (e.g. SQUISH).")
+    strict: bool = Field(False, description="Stop on any skipped clip or caption problem instead of reporting it.")
+    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
+
+    @field_validator("resolution_buckets")
+    @classmethod
+    def _buckets(cls, buckets: list[list[int]]) -> list[list[int]]:
+        if not buckets:
+            raise ValueError("give at least one [width, height, frames] bucket, e.g. [[512, 512, 49]]")
+        problems = []
+        for i, b in enumerate(buckets):
+            if len(b) != 3:
+                problems.append(f"[{i}]: expected [width, height, frames], got {b}")
+                continue
+            problems += [f"[{i}]: {p}" for p in check_video_dims(*b)]
+        if len({tuple(b) for b in buckets}) != len(buckets):
+            problems.append("the same bucket is listed twice")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return buckets
+
+
+class ModelConfig(_Section):
+    model_source: str = Field(
+        "LTXV_13B_097_DEV",
+        description="A named version (LTXV_13B_097_DEV, LTXV_13B_097_DISTILLED, LTXV_2B_0.9.6_DEV, "
+        "LTXV_2B_0.9.6_DISTILLED, LTXV_2B_0.9.5, LTXV_2B_0.9.1, LTXV_2B_0.9.0), a local single-file "
+        ".safetensors, a local diffusers folder, or `tiny` (a small random LTXV for tests).",
+    )
+    training_mode: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter or all weights.")
+    text_encoder: str | None = Field(
+        None,
+        description="Local folder with text_encoder/ and tokenizer/ (or a T5 folder). "
+        "Default: the T5 of the LTXV repo (downloaded once).",
+    )
+    vae: str | None = Field(None, description="Local VAE (single file or folder). Default: the model's own VAE.")
+
+
+class LoraConfig(_Section):
+    rank: int = Field(64, ge=1, description="LoRA rank.")
+    alpha: float = Field(64, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        description="Transformer modules that get a LoRA (diffusers names, e.g. ff.net.0.proj, proj_in).",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one module, e.g. [to_k, to_q, to_v, to_out.0]")
+        return v
+
+
+class TrainingConfig(_Section):
+    distributed: bool = Field(False, description="Train on every visible GPU through `accelerate launch`.")
+    num_processes: int | None = Field(None, ge=1, description="Processes for distributed training (null = all GPUs).")
+    accelerate_config: str | None = Field(
+        None, description="An accelerate config file (multi-node, FSDP, DeepSpeed); implies distributed."
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    steps: int = Field(1500, ge=1, description="Optimizer steps to train.")
+    batch_size: int = Field(1, ge=1, description="Clips per step per process (one bucket per batch).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    mixed_precision_mode: MIXED_PRECISION = Field("bf16", description="Autocast precision: no, fp16 or bf16.")
+    enable_gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    optimizer_type: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw, or adamw8bit (bitsandbytes).")
+    scheduler_type: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    first_frame_conditioning_p: float = Field(
+        0.0, ge=0, le=1, description="Probability of training image-to-video: first frame kept clean, left out of loss."
+    )
+    timestep_shift: bool = Field(
+        True, description="Shift the sampled noise levels with sequence length, as LTXV trains."
+    )
+
+
+class CheckpointsConfig(_Section):
+    interval: int | None = Field(250, ge=1, description="Save every N steps (null = only at the end).")
+    keep_last_n: int = Field(-1, ge=-1, description="Checkpoints kept (-1 = all). The final one is always kept.")
+    auto_convert_to_comfy: bool = Field(True, description="Write a ComfyUI twin <name>_comfy.safetensors after training.")
+    save_dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Dtype of exported weight files.")
+
+
+class ValidationConfig(_Section):
+    interval: int | None = Field(None, ge=1, description="Generate validation videos every N steps (null = off).")
+    prompts: list[str] = Field(default_factory=list, description="Prompts to render (id_token is prepended).")
+    negative_prompt: str = Field("worst quality, inconsistent motion, blurry, jittery, distorted", description="Negative prompt for validation videos.")
+    images: list[str] | None = Field(None, description="First-frame images, one per prompt (image-to-video).")
+    video_dims: list[int] = Field(
+        default_factory=lambda: [256, 256, 25], description="[width, height, frames] of validation videos."
+    )
+    inference_steps: int = Field(20, ge=1, description="Denoising steps per validation video.")
+    guidance_scale: float = Field(3.0, ge=1.0, description="Classifier-free guidance scale.")
+    seed: int = Field(42, description="Seed for validation noise.")
+    videos_per_prompt: int = Field(1, ge=1, description="Videos generated per prompt.")
+
+    @field_validator("video_dims")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if len(v) != 3:
+            raise ValueError(f"expected [width, height, frames], got {v}")
+        if problems := check_video_dims(*v):
+            raise ValueError("; ".join(problems))
+        return v
+
+
+class AccelerationConfig(_Section):
+    compile: bool = Field(False, description="torch.compile the transformer blocks (GPU; first steps are slow).")
+    quantize_base: Literal["none", "int8", "fp8"] = Field(
+        "none", description="Quantize the frozen base weights (LoRA only; needs a GPU and torchao/quanto)."
+    )
+    block_swap: int = Field(0, ge=0, description="Transformer blocks kept on the CPU and swapped in (0 = off).")
+    offload_encoders: bool = Field(True, description="Keep the VAE and text encoder off the GPU while training.")
+
+
+class Config(_Section):
+    dataset: DatasetConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    acceleration: AccelerationConfig = Field(default_factory=AccelerationConfig)
+    output_dir: str = Field("outputs", description="Where run_YYYYMMDD_HHMMSS/ folders are created.")
+    seed: int = Field(42, description="Seed for weights init, noise, timesteps and data order.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        problems = []
+        v = self.validation
+        if v.interval is not None and not v.prompts:
+            problems.append("validation.prompts: validation is on (interval set) but no prompts are given")
+        if v.images is not None and len(v.images) != len(v.prompts):
+            problems.append(f"validation.images: give one image per prompt ({len(v.prompts)}), got {len(v.images)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at a location like ('training',) in the schema."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
+    path = path.replace(".[", "[")
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        key = str(loc[-1])
+        known = _known_keys(Config, loc[:-1])
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?" if close else f"known keys: {', '.join(known)}"
+        return f"{path}: unknown key ({hint})"
+    if etype == "missing":
+        return f"{path}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if etype == "value_error" and not path:
+        return msg
+    got = err.get("input")
+    got_s = f" (got {got!r})" if etype not in ("value_error",) and not isinstance(got, dict) else ""
+    return f"{path}: {msg}{got_s}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError([f"override {dotted}: {part} is a value, not a section"])
+        node = child
+    node[parts[-1]] = value
+
+
+def _dotted_key_fix(dotted: str) -> str:
+    """Overrides may name a nested key by its section only (`preprocessing.batch_size`): map to the full path."""
+    head = dotted.split(".", 1)[0]
+    if head not in Config.model_fields and head in DatasetConfig.model_fields:
+        return f"dataset.{dotted}"
+    return dotted
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError([f"override {text!r}: expected key=value, e.g. training.steps=10"])
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError([f"override {text!r}: bad key {key!r}"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"override {text!r}: value is not valid YAML ({e.__class__.__name__})"]) from None
+    return _dotted_key_fix(key), value
+
+
+def validate_config(raw: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([_format_error(err) for err in e.errors()]) from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file not found (pass the path to a YAML file, e.g. configs/quickstart.yaml)"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections (dataset:, model:, ...)"])
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read the YAML, apply `key=value` overrides (values parsed as YAML), validate everything at once."""
+    raw = load_yaml(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return validate_config(raw, str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# The README's config reference, generated from the schema
+
+
+def config_reference_markdown() -> str:
+    def rows(model: type[BaseModel], prefix: str) -> list[str]:
+        out = []
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out += rows(ann, f"{prefix}{name}.")
+                continue
+            if f.is_required():
+                default = "(required)"
+            else:
+                default = f.default_factory() if f.default_factory else f.default
+                default = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+                default = default.removesuffix("\n...").strip()
+                default = f"`{default}`"
+            out.append(f"| `{prefix}{name}` | {default} | {f.description or ''} |")
+        return out
+
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    return "\n".join(lines + rows(Config, ""))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--markdown" in sys.argv:
+        print(config_reference_markdown())
