@@ -1,0 +1,39 @@
+"""Module names of the LTXV transformer in diffusers vs Lightricks' original layout (= ComfyUI's names).
+
+Renames work on whole dotted name segments, never substrings, so a module that merely contains one of
+these words is left alone. Used by model loading (single files), LoRA/full export and the converter.
+"""
+
+from __future__ import annotations
+
+# diffusers segment -> original/ComfyUI segment. Everything else (attn1.to_q, ff.net.0.proj,
+# scale_shift_table, caption_projection, proj_out, ...) is named the same in both.
+DIFFUSERS_TO_ORIGINAL = {
+    "proj_in": "patchify_proj",
+    "time_embed": "adaln_single",
+    "norm_q": "q_norm",
+    "norm_k": "k_norm",
+}
+ORIGINAL_TO_DIFFUSERS = {v: k for k, v in DIFFUSERS_TO_ORIGINAL.items()}
+
+ORIGINAL_TRANSFORMER_PREFIX = "model.diffusion_model."  # Lightricks single files and ComfyUI full models
+COMFY_LORA_PREFIX = "diffusion_model."  # ComfyUI LTXV LoRA keys
+DIFFUSERS_LORA_PREFIX = "transformer."  # diffusers LoRA keys
+COMPILE_PREFIX = "_orig_mod."  # torch.compile wrapper
+
+
+def _rename_segments(name: str, table: dict[str, str]) -> str:
+    return ".".join(table.get(seg, seg) for seg in name.split("."))
+
+
+def strip_compile_prefix(name: str) -> str:
+    return ".".join(seg for seg in name.split(".") if seg != COMPILE_PREFIX.rstrip("."))
+
+
+def diffusers_to_original(name: str) -> str:
+    """`transformer_blocks.0.attn1.norm_q.weight` -> `transformer_blocks.0.attn1.q_norm.weight` (no prefix)."""
+    return _rename_segments(strip_compile_prefix(name), DIFFUSERS_TO_ORIGINAL)
+
+
+def original_to_diffusers(name: str) -> str:
+    return _rename_segments(name, ORIGINAL_TO_DIFFUSERS)
