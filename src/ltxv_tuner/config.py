@@ -238,8 +238,17 @@ def _format_error(err: dict) -> str:
     if etype == "missing":
         return f"{path}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    if etype == "value_error" and not path:
-        return msg
+    if etype == "value_error":
+        # Validators join several problems with "; " and may start each with an index like "[1]: ".
+        parts = [m.strip() for m in msg.split("; ")]
+        out = []
+        for m in parts:
+            if m.startswith("[") and "]: " in m:
+                idx, rest = m.split(": ", 1)
+                out.append(f"{path}{idx}: {rest}")
+            else:
+                out.append(f"{path}: {m}" if path else m)
+        return "\n".join(out)
     got = err.get("input")
     got_s = f" (got {got!r})" if etype not in ("value_error",) and not isinstance(got, dict) else ""
     return f"{path}: {msg}{got_s}"
@@ -284,7 +293,7 @@ def validate_config(raw: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError([_format_error(err) for err in e.errors()]) from None
+        raise ConfigError([line for err in e.errors() for line in _format_error(err).split("\n")]) from None
 
 
 def load_yaml(path: str | Path) -> dict:

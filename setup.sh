@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Create venv/ (unless a virtualenv or conda env is already active) and install everything.
+# Safe to re-run. torch is installed only when none is importable, pinned to TORCH_VERSION
+# (default 2.13.0); an existing torch (e.g. your CUDA build) is kept and protected from upgrades.
+#   CUDA build:  TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ./setup.sh
+#   system torch: USE_SYSTEM_SITE_PACKAGES=1 ./setup.sh   (venv sees the torch of your system python)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+
+if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
+    echo "setup: installing into the active environment ${VIRTUAL_ENV:-$CONDA_PREFIX}"
+    PY=python
+else
+    if [ ! -x venv/bin/python ]; then
+        base="${PYTHON:-python3}"
+        flags=()
+        [ "${USE_SYSTEM_SITE_PACKAGES:-0}" = "1" ] && flags+=(--system-site-packages)
+        echo "setup: creating venv/ with $($base --version 2>&1)"
+        "$base" -m venv "${flags[@]}" venv
+    fi
+    PY="$PWD/venv/bin/python"
+fi
+
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+    echo "setup: installing torch==$TORCH_VERSION"
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        "$PY" -m pip install "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
+    else
+        "$PY" -m pip install "torch==$TORCH_VERSION"
+    fi
+fi
+
+# Pin whatever torch is there now so no dependency can swap it for another build.
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+"$PY" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" >"$constraints"
+"$PY" -m pip install -r requirements.txt -c "$constraints"
+"$PY" -m pip install --no-deps -e .
+echo "setup: done. Next: ./train.sh configs/quickstart.yaml"

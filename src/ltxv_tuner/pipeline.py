@@ -1,0 +1,182 @@
+"""The stage sequence: preprocess -> train -> convert, each run in its own timestamped folder."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .config import Config
+from .errors import UserError
+
+log = logging.getLogger("ltxv_tuner")
+
+RUN_PREFIX = "run_"
+
+
+def setup_console_logging() -> None:
+    """Plain INFO messages on stdout; the run's file handler is added once the run folder exists."""
+    if any(getattr(h, "_ltxv_console", False) for h in log.handlers):
+        return
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(logging.Formatter("%(message)s"))
+    h._ltxv_console = True
+    log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def attach_run_log(run_dir: Path) -> logging.Handler:
+    """Every message of the run also goes to <run>/logs/train.log (appended on resume)."""
+    path = run_dir / "logs" / "train.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve():
+            return h
+    h = logging.FileHandler(path, encoding="utf-8")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(h)
+    return h
+
+
+def new_run_dir(output_dir: Path) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    for i in range(1000):
+        path = output_dir / f"{RUN_PREFIX}{stamp}{'' if i == 0 else f'_{i}'}"
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"output_dir {output_dir}: could not create a new run folder")
+
+
+def list_runs(output_dir: Path) -> list[Path]:
+    if not output_dir.is_dir():
+        return []
+    return sorted(p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(RUN_PREFIX))
+
+
+def _has_checkpoint(run: Path) -> bool:
+    ckpt = run / "checkpoints"
+    return ckpt.is_dir() and any(p.is_dir() and p.name.startswith("step_") for p in ckpt.iterdir())
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path:
+    """`latest` = the newest run under output_dir that has a checkpoint; otherwise a run folder that must exist."""
+    if resume == "latest":
+        runs = [r for r in list_runs(output_dir) if _has_checkpoint(r)]
+        if not runs:
+            raise UserError(
+                f"--resume latest: no run with a checkpoint under {output_dir}/ "
+                "(start without --resume, or pass a run folder)"
+            )
+        return runs[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume {resume}: no such run folder (pass outputs/run_YYYYMMDD_HHMMSS or 'latest')")
+    if not (path / "checkpoints").is_dir():
+        raise UserError(f"--resume {resume}: not a run folder (it has no checkpoints/ folder)")
+    return path
+
+
+def resolve_convert_target(run_dir: str | None, output_dir: Path) -> Path:
+    if run_dir:
+        path = Path(run_dir)
+        if not path.is_dir():
+            raise UserError(f"--run-dir {run_dir}: no such folder")
+        return path
+    runs = list_runs(output_dir)
+    if not runs:
+        raise UserError(f"--only convert: no run folder under {output_dir}/ (pass --run-dir PATH)")
+    return runs[-1]
+
+
+def _stage_preprocess(cfg: Config) -> Path:
+    from .preprocess import run_preprocess
+
+    log.info("== stage 1/3: preprocess ==")
+    return run_preprocess(cfg)
+
+
+def _stage_convert(run_dir: Path) -> list[Path]:
+    from .convert import convert_run
+
+    log.info("== stage 3/3: convert to ComfyUI ==")
+    written = convert_run(run_dir)
+    log.info(f"convert: {len(written)} ComfyUI file(s) written")
+    return written
+
+
+def run(
+    cfg: Config,
+    config_path: Path | None = None,
+    only: str | None = None,
+    resume: str | None = None,
+    run_dir: str | None = None,
+) -> Path | None:
+    """Run the stages the config and flags ask for. Returns the run folder (None for `--only preprocess`)."""
+    setup_console_logging()
+    output_dir = Path(cfg.output_dir)
+
+    if only == "convert":
+        target = resolve_convert_target(run_dir, output_dir)
+        attach_run_log(target)
+        _stage_convert(target)
+        return target
+    if resume and only == "preprocess":
+        raise UserError("--resume goes with training; drop it or drop --only preprocess")
+
+    started = time.time()
+    if only == "train":
+        from .preprocess import find_manifest
+
+        manifest = find_manifest(cfg)
+    else:
+        manifest = _stage_preprocess(cfg)
+    if only == "preprocess":
+        return None
+
+    # Resolve where the run lives (a new timestamped folder, or the one being resumed).
+    if resume:
+        target = resolve_resume(resume, output_dir)
+        attach_run_log(target)
+        log.info(f"resuming run {target}")
+    else:
+        target = new_run_dir(output_dir)
+        for sub in ("checkpoints", "validation", "logs"):
+            (target / sub).mkdir(exist_ok=True)
+        attach_run_log(target)
+        log.info(f"run folder: {target}")
+    (target / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if config_path is not None:
+        log.info(f"config: {config_path} (resolved copy in {target / 'config.yaml'})")
+
+    from .training import train
+
+    log.info("== stage 2/3: train ==")
+    result = train(cfg, target, manifest, resume_from=target if resume else None)
+
+    twins: list[Path] = []
+    if cfg.checkpoints.auto_convert_to_comfy and only is None:
+        twins = _stage_convert(target)
+    elif only is None:
+        log.info("convert: skipped (checkpoints.auto_convert_to_comfy is false; run --only convert later)")
+
+    _print_summary(target, result, twins, time.time() - started)
+    return target
+
+
+def _print_summary(run_dir: Path, result, twins: list[Path], wall: float) -> None:
+    lines = ["", "== done ==", f"run folder:  {run_dir}", f"steps:       {result.final_step}"]
+    if result.final_loss is not None:
+        lines.append(f"final loss:  {result.final_loss:.4f}")
+    lines.append(f"wall time:   {wall:.1f} s")
+    for ckpt in result.checkpoints:
+        lines.append(f"weights:     {ckpt}")
+        twin = ckpt.with_name(ckpt.stem + "_comfy.safetensors")
+        if twin.exists():
+            lines.append(f"  ComfyUI:   {twin}")
+    log.info("\n".join(lines))

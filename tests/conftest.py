@@ -1,0 +1,52 @@
+"""Shared fixtures. Tests run offline on CPU with the tiny model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "quickstart_data"
+
+# Never reach for the network in tests, whatever the machine has.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def quickstart_dir(tmp_path: Path) -> Path:
+    """A copy of the bundled example clips, so tests never write a cache into the repo."""
+    dst = tmp_path / "data"
+    shutil.copytree(EXAMPLES, dst, ignore=shutil.ignore_patterns(".precomputed"))
+    return dst
+
+
+@pytest.fixture
+def quickstart_config(tmp_path: Path, quickstart_dir: Path) -> Path:
+    """configs/quickstart.yaml pointed at a private data copy and output folder."""
+    raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    raw["dataset"]["data_folder"] = str(quickstart_dir)
+    raw["output_dir"] = str(tmp_path / "outputs")
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None):
+    """Run `python train.py ...` as a user would; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
