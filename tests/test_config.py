@@ -171,5 +171,5 @@ def test_readme_config_reference_matches_schema():
     start = readme.index("<!-- config-reference:start -->") + len("<!-- config-reference:start -->")
     end = readme.index("<!-- config-reference:end -->")
     assert readme[start:end].strip() == config_reference_markdown().strip(), (
-        "README config reference is stale: regenerate with `python -m ltxv_tuner.config --markdown`"
+        "README config reference is stale: regenerate with `python scripts/update_readme_config.py`"
     )

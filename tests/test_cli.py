@@ -1,0 +1,117 @@
+"""End to end as a user runs it: `python train.py CONFIG` on the bundled tiny model and example clips."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from conftest import REPO, run_cli
+
+
+def _weights(run_dir: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in (run_dir / "checkpoints").rglob("*.safetensors")
+        if "state" not in p.relative_to(run_dir).parts and not p.stem.endswith("_comfy")
+    )
+
+
+def _runs(output_dir: Path) -> list[Path]:
+    return sorted(p for p in output_dir.iterdir() if p.name.startswith("run_"))
+
+
+def _keys(path: Path) -> list[str]:
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+def test_quickstart_lora_end_to_end_then_rerun_reuses_cache(quickstart_config: Path, tmp_path: Path):
+    out = tmp_path / "outputs"
+    r = run_cli(str(quickstart_config))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = _runs(out)
+    assert (run / "config.yaml").is_file()
+    assert (run / "logs" / "train.log").stat().st_size > 0
+    weights = _weights(run)
+    assert len(weights) >= 2, weights
+    for w in weights:
+        twin = w.with_name(w.stem + "_comfy.safetensors")
+        assert twin.is_file(), f"no ComfyUI twin for {w}"
+        keys = _keys(twin)
+        assert keys and all(k.startswith("diffusion_model.") for k in keys)
+        assert not any(".alpha" in k or "proj_in" in k or "norm_q" in k for k in keys)
+        assert any(k.endswith("attn1.to_q.lora_A.weight") for k in keys)
+
+    r2 = run_cli(str(quickstart_config))
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    assert len(_runs(out)) == 2
+    assert "reuse" in (r2.stdout + r2.stderr).lower()
+
+
+def test_quickstart_full_finetune(quickstart_config: Path, tmp_path: Path):
+    r = run_cli(str(quickstart_config), "model.training_mode=full", "training.steps=2", "checkpoints.interval=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = _runs(tmp_path / "outputs")
+    weights = _weights(run)
+    assert len(weights) == 2
+    twin = weights[-1].with_name(weights[-1].stem + "_comfy.safetensors")
+    keys = _keys(twin)
+    assert all(k.startswith("model.diffusion_model.") for k in keys)
+    assert "model.diffusion_model.patchify_proj.weight" in keys
+    assert "model.diffusion_model.adaln_single.linear.weight" in keys
+
+
+def test_only_stages_and_convert_existing_run(quickstart_config: Path, tmp_path: Path):
+    r = run_cli(str(quickstart_config), "--only", "preprocess")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (tmp_path / "outputs").exists()  # preprocessing alone makes no run folder
+    r = run_cli(str(quickstart_config), "--only", "train", "training.steps=1", "checkpoints.interval=null")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = _runs(tmp_path / "outputs")
+    (w,) = _weights(run)
+    assert not w.with_name(w.stem + "_comfy.safetensors").exists()  # --only train does not convert
+    r = run_cli(str(quickstart_config), "--only", "convert", "--run-dir", str(run))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert w.with_name(w.stem + "_comfy.safetensors").is_file()
+
+
+def test_real_config_fails_fast_with_one_line(tmp_path: Path):
+    start = time.time()
+    r = run_cli(str(REPO / "configs" / "unified_training_config.yaml"), cwd=tmp_path)
+    assert r.returncode != 0
+    assert time.time() - start < 60
+    assert "Traceback" not in r.stderr + r.stdout
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "data/videos" in err[0], r.stderr
+
+
+def test_misspelled_key_on_the_command_line(quickstart_config: Path):
+    r = run_cli(str(quickstart_config), "training.stpes=3")
+    assert r.returncode == 2
+    assert "training.stpes: unknown key (did you mean training.steps?)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_misspelled_key_in_the_yaml(tmp_path: Path, quickstart_config: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(quickstart_config.read_text().replace("learning_rate:", "learning_rte:"))
+    r = run_cli(str(bad))
+    assert r.returncode == 2
+    assert "training.learning_rte: unknown key (did you mean training.learning_rate?)" in r.stderr
+
+
+def test_resume_target_missing_is_an_error(quickstart_config: Path, tmp_path: Path):
+    r = run_cli(str(quickstart_config), "--resume", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "no such run folder" in r.stderr
+    r = run_cli(str(quickstart_config), "--resume", "latest")
+    assert r.returncode == 2 and "no run with a checkpoint" in r.stderr
+
+
+def test_train_sh_without_arguments_prints_usage():
+    r = subprocess.run(["bash", str(REPO / "train.sh")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "usage: ./train.sh CONFIG.yaml" in r.stdout
