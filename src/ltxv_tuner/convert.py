@@ -1,0 +1,459 @@
+"""Stage 3: ComfyUI twins of a run's weight files, and the `ltxv-convert` CLI (both directions).
+
+Four LTXV file forms are recognised from their keys alone:
+  LoRA, diffusers:  transformer.<diffusers module>.lora_A.weight / .lora_B.weight, alpha in metadata
+  LoRA, ComfyUI:    diffusion_model.<ComfyUI module>.lora_A.weight / .lora_B.weight (+ optional .alpha),
+                    or kohya lora_unet_<module_with_underscores>.lora_down.weight / .lora_up.weight / .alpha
+  full, diffusers:  <diffusers module>.weight (no prefix)
+  full, ComfyUI:    model.diffusion_model.<original module>.weight (Lightricks' single-file naming)
+
+Alpha: ComfyUI scales a LoRA by alpha/rank only when a `.alpha` tensor is present (else by 1.0); diffusers
+rejects `.alpha` tensors and, without metadata, assumes alpha == rank. The ComfyUI twin therefore folds
+alpha/rank into lora_B and writes no `.alpha`, so both loaders apply the trained strength from one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import export, keys
+from .errors import UserError
+
+COMFY_SUFFIX = "_comfy"
+DIFFUSERS_SUFFIX = "_diffusers"
+STATE_DIR = "state"  # accelerate save_state folder: optimizer, RNG, ... never touched here
+KOHYA_PREFIX = "lora_unet_"
+
+# Top-level modules of the LTXV transformer, in each naming (used to tell an LTXV file from anything else).
+DIFFUSERS_TOP = {"transformer_blocks", "proj_in", "time_embed", "caption_projection", "proj_out", "scale_shift_table"}
+ORIGINAL_TOP = {keys.DIFFUSERS_TO_ORIGINAL.get(n, n) for n in DIFFUSERS_TOP}
+
+_LORA_SUFFIXES = (
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_down.weight", "A"),
+    (".lora_up.weight", "B"),
+    (".alpha", "alpha"),
+)
+
+LORA_DIFFUSERS, LORA_COMFY, LORA_KOHYA = "lora-diffusers", "lora-comfy", "lora-kohya"
+FULL_DIFFUSERS, FULL_ORIGINAL = "full-diffusers", "full-original"
+COMFY_FORMS = {LORA_COMFY, LORA_KOHYA, FULL_ORIGINAL}
+
+
+class AlreadyConverted(UserError):
+    """The file is already in the requested form; nothing was written."""
+
+
+@dataclass
+class LoraModule:
+    down: torch.Tensor  # lora_A, [rank, in]
+    up: torch.Tensor  # lora_B, [out, rank]
+    alpha: float | None = None  # from a `.alpha` tensor (ComfyUI/kohya files)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and recognising files
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: only .safetensors files can be converted (pickled .ckpt/.pt/.bin files are not read)")
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors, metadata
+
+
+def _split_lora_key(key: str) -> tuple[str, str] | None:
+    for suffix, part in _LORA_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
+    return None
+
+
+def _top(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def detect_form(tensor_keys, path: Path | str = "file") -> str:
+    """Which LTXV form a file's keys are in (one of the *_DIFFUSERS / *_COMFY / ... constants), or UserError."""
+    names = [keys.strip_compile_prefix(k) for k in tensor_keys]
+    if not names:
+        raise UserError(f"{path}: holds no tensors, so it is neither an LTXV LoRA nor an LTXV transformer")
+    split = [_split_lora_key(k) for k in names]
+    if all(split):
+        modules = {m for m, _ in split}
+        if all(m.startswith(keys.DIFFUSERS_LORA_PREFIX) for m in modules):
+            tops = {_top(m.removeprefix(keys.DIFFUSERS_LORA_PREFIX)) for m in modules}
+            if tops <= DIFFUSERS_TOP:
+                return LORA_DIFFUSERS
+        elif all(m.startswith(keys.COMFY_LORA_PREFIX) for m in modules):
+            if {_top(m.removeprefix(keys.COMFY_LORA_PREFIX)) for m in modules} <= ORIGINAL_TOP | DIFFUSERS_TOP:
+                return LORA_COMFY
+        elif all(m.startswith(KOHYA_PREFIX) for m in modules):
+            return LORA_KOHYA
+        elif {_top(m) for m in modules} <= DIFFUSERS_TOP:
+            return LORA_DIFFUSERS  # peft/diffusers `save_lora_adapter` without the "transformer." prefix
+        prefixes = sorted({_top(m) + "." for m in modules})[:4]
+        raise UserError(
+            f"{path}: LoRA keys that are not LTXV transformer LoRA keys (prefixes {', '.join(prefixes)}); "
+            "expected transformer.*, diffusion_model.* or lora_unet_*"
+        )
+    full_original = [k for k in names if k.startswith(keys.ORIGINAL_TRANSFORMER_PREFIX)]
+    if full_original and _looks_like_transformer(full_original, keys.ORIGINAL_TRANSFORMER_PREFIX, original=True):
+        return FULL_ORIGINAL
+    if _looks_like_transformer(names, keys.COMFY_LORA_PREFIX, original=True):
+        return FULL_ORIGINAL
+    if _looks_like_transformer(names, "", original=True):
+        return FULL_ORIGINAL
+    if _looks_like_transformer(names, "", original=False):
+        return FULL_DIFFUSERS
+    lora_like = sum(1 for s in split if s)
+    what = f"{lora_like} of {len(names)} keys look like LoRA keys" if lora_like else f"e.g. {names[0]!r}"
+    raise UserError(
+        f"{path}: neither an LTXV LoRA nor an LTXV transformer ({what}); "
+        "pass a LoRA or transformer .safetensors written by ltxv-tuner, diffusers or ComfyUI"
+    )
+
+
+def _looks_like_transformer(names: list[str], prefix: str, original: bool) -> bool:
+    present = set(names)
+    patchify = "patchify_proj" if original else "proj_in"
+    needed = (f"{prefix}{patchify}.weight", f"{prefix}transformer_blocks.0.attn1.to_q.weight")
+    if not all(n in present for n in needed):
+        return False
+    top = ORIGINAL_TOP if original else DIFFUSERS_TOP
+    return all(n.startswith(prefix) and _top(n[len(prefix) :]) in top for n in names)
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def _lora_modules(tensors: dict[str, torch.Tensor], prefix: str, path) -> dict[str, LoraModule]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, part = _split_lora_key(keys.strip_compile_prefix(key))
+        parts.setdefault(module.removeprefix(prefix), {})[part] = value
+    out = {}
+    for module, p in parts.items():
+        if "A" not in p or "B" not in p:
+            missing = "lora_A (down)" if "A" not in p else "lora_B (up)"
+            raise UserError(f"{path}: LoRA module {prefix}{module} has no {missing} weight; the file is incomplete")
+        alpha = float(p["alpha"].float().item()) if "alpha" in p else None
+        out[module] = LoraModule(down=p["A"], up=p["B"], alpha=alpha)
+    return out
+
+
+def _pattern_value(module: str, patterns: dict, default):
+    """peft's rank_pattern/alpha_pattern lookup: the first pattern that matches the end of the module name."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _diffusers_lora_scales(modules: dict[str, LoraModule], metadata: dict[str, str], path) -> dict[str, float]:
+    """alpha/rank per module exactly as diffusers' load_lora_weights will apply it to this file."""
+    raw = metadata.get(export.LORA_ADAPTER_METADATA_KEY)
+    if not raw:  # diffusers assumes alpha == rank
+        return {m: 1.0 for m in modules}
+    try:
+        packed = json.loads(raw)
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: metadata {export.LORA_ADAPTER_METADATA_KEY!r} is not valid JSON") from None
+    cfg = {k.removeprefix(keys.DIFFUSERS_LORA_PREFIX): v for k, v in packed.items()}
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if r is None or alpha is None:
+        raise UserError(f"{path}: metadata {export.LORA_ADAPTER_METADATA_KEY!r} lacks r or lora_alpha")
+    scales = {}
+    for m, mod in modules.items():
+        r_m = _pattern_value(m, cfg.get("rank_pattern"), r)
+        a_m = _pattern_value(m, cfg.get("alpha_pattern"), alpha)
+        if r_m != mod.rank:
+            raise UserError(f"{path}: {m} has rank {mod.rank} but the metadata says r={r_m}; the file is inconsistent")
+        scales[m] = a_m / (r_m**0.5 if cfg.get("use_rslora") else r_m)
+    return scales
+
+
+def _kohya_name_table(modules: list[str]) -> dict[str, str]:
+    """kohya `lora_unet_transformer_blocks_0_attn1_to_q` -> original dotted name, from the real module tree."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    blocks = [int(m) for name in modules for m in re.findall(r"^transformer_blocks_(\d+)_", name)]
+    with torch.device("meta"):
+        model = LTXVideoTransformer3DModel(num_layers=max(blocks, default=0) + 1)
+    table = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            original = keys.diffusers_to_original(name)
+            table[original.replace(".", "_")] = original
+    return table
+
+
+def _comfy_lora_to_original_names(tensors, form, path) -> dict[str, LoraModule]:
+    if form == LORA_KOHYA:
+        modules = _lora_modules(tensors, KOHYA_PREFIX, path)
+        table = _kohya_name_table(list(modules))
+        unknown = [m for m in modules if m not in table]
+        if unknown:
+            raise UserError(f"{path}: kohya LoRA module {KOHYA_PREFIX}{unknown[0]} is not a Linear layer of LTXV")
+        return {table[m]: mod for m, mod in modules.items()}
+    return _lora_modules(tensors, keys.COMFY_LORA_PREFIX, path)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype or t.dtype).contiguous()
+
+
+def lora_to_comfy(tensors, metadata, path, dtype=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    modules = _lora_modules(tensors, keys.DIFFUSERS_LORA_PREFIX, path)
+    scales = _diffusers_lora_scales(modules, metadata, path)
+    out = {}
+    for m, mod in modules.items():
+        name = keys.COMFY_LORA_PREFIX + keys.diffusers_to_original(m)
+        up = mod.up if scales[m] == 1.0 else (mod.up.float() * scales[m]).to(dtype or mod.up.dtype)
+        out[f"{name}.lora_A.weight"] = _cast(mod.down, dtype)
+        out[f"{name}.lora_B.weight"] = _cast(up, dtype)
+    meta = {k: v for k, v in metadata.items() if k != export.LORA_ADAPTER_METADATA_KEY}
+    meta[f"{export.META_PREFIX}alpha_folded_into_lora_B"] = "true"
+    return out, meta
+
+
+def lora_to_diffusers(tensors, metadata, form, path, dtype=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    modules = _comfy_lora_to_original_names(tensors, form, path)
+    modules = {keys.original_to_diffusers(m): mod for m, mod in modules.items()}
+    ranks = {mod.rank for mod in modules.values()}
+    # ComfyUI semantics: no .alpha tensor means scale 1.0, i.e. alpha == rank.
+    alphas = {mod.alpha if mod.alpha is not None else float(mod.rank) for mod in modules.values()}
+    uniform = len(ranks) == 1 and len(alphas) == 1
+    out = {}
+    for m, mod in modules.items():
+        up = mod.up
+        if not uniform and mod.alpha is not None and mod.alpha != mod.rank:
+            up = (up.float() * (mod.alpha / mod.rank)).to(dtype or up.dtype)
+        out[f"{keys.DIFFUSERS_LORA_PREFIX}{m}.lora_A.weight"] = _cast(mod.down, dtype)
+        out[f"{keys.DIFFUSERS_LORA_PREFIX}{m}.lora_B.weight"] = _cast(up, dtype)
+    meta = {k: v for k, v in metadata.items() if k != f"{export.META_PREFIX}alpha_folded_into_lora_B"}
+    if uniform:
+        # Alpha goes into the metadata diffusers reads (as LTXPipeline.save_lora_weights writes it).
+        from peft import LoraConfig
+
+        (rank,), (alpha,) = ranks, alphas
+        alpha_value = int(alpha) if float(alpha).is_integer() else alpha
+        config = LoraConfig(r=rank, lora_alpha=alpha_value, target_modules=sorted(modules))
+        meta[export.LORA_ADAPTER_METADATA_KEY] = export.lora_adapter_metadata(config)
+    else:  # mixed ranks/alphas: folded into lora_B; without metadata diffusers infers each rank, alpha == rank
+        meta[f"{export.META_PREFIX}alpha_folded_into_lora_B"] = "true"
+    return out, meta
+
+
+# --------------------------------------------------------------------------------------------------
+# Full transformer
+
+
+def full_to_comfy(tensors, dtype=None) -> dict[str, torch.Tensor]:
+    return {
+        keys.ORIGINAL_TRANSFORMER_PREFIX + keys.diffusers_to_original(k): _cast(v, dtype) for k, v in tensors.items()
+    }
+
+
+def full_to_diffusers(tensors, dtype=None) -> dict[str, torch.Tensor]:
+    for prefix in (keys.ORIGINAL_TRANSFORMER_PREFIX, keys.COMFY_LORA_PREFIX, ""):
+        selected = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        if "patchify_proj.weight" in {keys.strip_compile_prefix(k) for k in selected}:
+            break
+    # Other parts of a whole single-file checkpoint (vae.*, text encoders) are not the transformer: left out.
+    return {keys.original_to_diffusers(keys.strip_compile_prefix(k)): _cast(v, dtype) for k, v in selected.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Files and runs
+
+
+def default_output(src: Path, to: str) -> Path:
+    stem = src.stem.removesuffix(COMFY_SUFFIX).removesuffix(DIFFUSERS_SUFFIX)
+    return src.with_name(f"{stem}{COMFY_SUFFIX if to == 'comfy' else DIFFUSERS_SUFFIX}.safetensors")
+
+
+def convert_file(
+    src: str | Path,
+    dst: str | Path | None = None,
+    to: str = "comfy",
+    save_dtype: str | None = None,
+    base_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Convert one LoRA or full-transformer file to ComfyUI (`to="comfy"`) or diffusers form; returns dst.
+
+    dst defaults to <stem>_comfy.safetensors / <stem>_diffusers.safetensors beside src (an existing default
+    output is an error; an explicit dst is overwritten). save_dtype (fp32/bf16/fp16) defaults to the source
+    dtype. base_metadata (e.g. the base single file's "config") is added to a full transformer's metadata.
+    """
+    if to not in ("comfy", "diffusers"):
+        raise UserError(f"convert: to={to!r} is not a target (use 'comfy' or 'diffusers')")
+    if save_dtype is not None and save_dtype not in export.SAVE_DTYPES:
+        raise UserError(f"convert: save dtype {save_dtype!r} is unknown (use one of {', '.join(export.SAVE_DTYPES)})")
+    src = Path(src)
+    tensors, metadata = read_safetensors(src)
+    form = detect_form(tensors, src)
+    if to == "comfy" and form in COMFY_FORMS:
+        raise AlreadyConverted(f"{src}: already in ComfyUI form ({form}); nothing to convert")
+    if to == "diffusers" and form not in COMFY_FORMS:
+        raise AlreadyConverted(f"{src}: already in diffusers form ({form}); nothing to convert")
+    if dst is None:
+        dst = default_output(src, to)
+        if dst.exists():
+            raise UserError(f"{dst}: exists already; delete it or pass another output with -o")
+    dst = Path(dst)
+    if dst.resolve() == src.resolve():
+        raise UserError(f"{src}: the output would overwrite the input; pass another output with -o")
+    dtype = export.SAVE_DTYPES[save_dtype] if save_dtype else None
+
+    if form == LORA_DIFFUSERS:
+        out, meta = lora_to_comfy(tensors, metadata, src, dtype)
+    elif form in (LORA_COMFY, LORA_KOHYA):
+        out, meta = lora_to_diffusers(tensors, metadata, form, src, dtype)
+    elif form == FULL_DIFFUSERS:
+        out, meta = full_to_comfy(tensors, dtype), {**(base_metadata or {}), **metadata}
+    else:
+        out, meta = full_to_diffusers(tensors, dtype), dict(metadata)
+    if not out:
+        raise UserError(f"{src}: no key matched the {form} layout; nothing to write")
+    meta = {k: v for k, v in meta.items() if isinstance(v, str)}
+    meta["format"] = "pt"
+    meta[f"{export.META_PREFIX}key_format"] = to
+    meta[f"{export.META_PREFIX}converted_from"] = src.name
+    meta["modelspec.implementation"] = (
+        export.IMPLEMENTATION_ORIGINAL if to == "comfy" else export.IMPLEMENTATION_DIFFUSERS
+    )
+    return export.write_safetensors(dst, out, meta)
+
+
+def is_up_to_date(src: Path, twin: Path) -> bool:
+    return twin.is_file() and twin.stat().st_mtime >= src.stat().st_mtime
+
+
+def weight_files(checkpoints_dir: Path) -> list[Path]:
+    """The .safetensors files convert may read: never under state/, never a _comfy twin."""
+    files = []
+    for path in sorted(checkpoints_dir.rglob("*.safetensors")):
+        rel = path.relative_to(checkpoints_dir)
+        if STATE_DIR in rel.parts[:-1] or path.stem.endswith(COMFY_SUFFIX) or not path.is_file():
+            continue
+        files.append(path)
+    return files
+
+
+def _run_base_metadata(run_dir: Path) -> dict[str, str] | None:
+    """The base single file's metadata ("config"), read through the run's resolved config.yaml."""
+    from . import models
+    from .config import load_config
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    return models.base_checkpoint_metadata(load_config(cfg_path).model)
+
+
+def convert_run(run_dir: str | Path, save_dtype: str | None = None) -> list[Path]:
+    """Write <stem>_comfy.safetensors beside every weight file of run_dir/checkpoints that lacks a fresh twin.
+
+    Returns the twins written by this call ([] when all are up to date). Files under state/ are never read.
+    """
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    if not checkpoints.is_dir():
+        raise UserError(f"{run_dir}: no checkpoints/ folder; pass a run folder (outputs/run_YYYYMMDD_HHMMSS)")
+    sources = weight_files(checkpoints)
+    if not sources:
+        raise UserError(f"{checkpoints}: no .safetensors weight files to convert (outside state/)")
+    written: list[Path] = []
+    base_meta: dict[str, str] | None = None
+    base_meta_read = False
+    for src in sources:
+        twin = default_output(src, "comfy")
+        if is_up_to_date(src, twin):
+            continue
+        tensors_form = _form_of_file(src)
+        if tensors_form in COMFY_FORMS:
+            continue  # a file already in ComfyUI form needs no twin
+        if tensors_form == FULL_DIFFUSERS and not base_meta_read:
+            base_meta, base_meta_read = _run_base_metadata(run_dir), True
+        written.append(convert_file(src, twin, "comfy", save_dtype=save_dtype, base_metadata=base_meta))
+    return written
+
+
+def _form_of_file(path: Path) -> str:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return detect_form(list(f.keys()), path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ltxv-convert",
+        description="Convert LTXV LoRA / transformer .safetensors between diffusers and ComfyUI form. "
+        "A run folder converts every checkpoint of the run to ComfyUI form.",
+    )
+    p.add_argument("file", help="a .safetensors file, or a run folder (with checkpoints/)")
+    to = p.add_mutually_exclusive_group()
+    to.add_argument("--to-comfy", dest="to", action="store_const", const="comfy", help="to ComfyUI form (default)")
+    to.add_argument("--to-diffusers", dest="to", action="store_const", const="diffusers", help="to diffusers form")
+    p.add_argument("-o", "--output", help="output file (default: <stem>_comfy / <stem>_diffusers beside the input)")
+    p.add_argument("--save-dtype", choices=sorted(export.SAVE_DTYPES), help="dtype of the written weights")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    to = args.to or "comfy"
+    src = Path(args.file)
+    try:
+        if src.is_dir():
+            if to != "comfy" or args.output:
+                raise UserError(f"{src}: a run folder converts only to ComfyUI form, beside each file (no -o)")
+            written = convert_run(src, save_dtype=args.save_dtype)
+            for path in written:
+                print(path)
+            if not written:
+                print(f"{src}: every checkpoint already has an up-to-date ComfyUI twin; nothing written")
+        else:
+            print(convert_file(src, args.output, to, save_dtype=args.save_dtype))
+    except AlreadyConverted as e:
+        print(f"ltxv-convert: {e}", file=sys.stderr)
+        return 1
+    except UserError as e:
+        print(f"ltxv-convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
