@@ -1,0 +1,241 @@
+"""Training stage on the tiny LTXV with a synthetic cache (random latents/embeddings in the real layout)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ltxv_tuner import cache, training
+from ltxv_tuner.config import validate_config
+from ltxv_tuner.errors import UserError
+
+TEXT_LEN = 8
+
+
+def make_cache(data_folder: Path, buckets=((64, 64, 9),), clips_per_bucket=2, seed=0, fps=24.0) -> Path:
+    """A .precomputed/ cache + manifest exactly as preprocessing writes it; returns the manifest path."""
+    g = torch.Generator().manual_seed(seed)
+    root = cache.cache_root(data_folder)
+    clips = []
+    for w, h, f in buckets:
+        for i in range(clips_per_bucket):
+            name = f"clip_{w}x{h}x{f}_{i}.mp4"
+            shape = [128, (f - 1) // 8 + 1, h // 32, w // 32]
+            lkey = cache.hash_key({"video": name, "seed": seed, "bucket": [w, h, f]})
+            ckey = cache.hash_key({"caption": name, "seed": seed})
+            cache.save_tensors_atomic(cache.latent_path(root, lkey), {"latents": torch.randn(shape, generator=g)})
+            mask = torch.zeros(TEXT_LEN, dtype=torch.int64)
+            mask[: 3 + i % 4] = 1
+            conds = {"prompt_embeds": torch.randn(TEXT_LEN, 32, generator=g), "prompt_attention_mask": mask}
+            cache.save_tensors_atomic(cache.condition_path(root, ckey), conds)
+            clips.append(cache.CachedClip(name, f"caption {i}", [w, h, f], fps, lkey, ckey, shape))
+    manifest = cache.Manifest(settings={"buckets": [list(b) for b in buckets]}, clips=clips)
+    path = cache.manifest_path(root, cache.hash_key(manifest.settings))
+    cache.write_json_atomic(path, manifest.to_json())
+    return path
+
+
+def make_config(tmp_path: Path, buckets=((64, 64, 9),), **sections):
+    """A tiny-model config; `sections` are merged into the YAML tree (e.g. training={"steps": 3})."""
+    raw = {
+        "dataset": {"data_folder": str(tmp_path / "data"), "resolution_buckets": [list(b) for b in buckets]},
+        "model": {"model_source": "tiny", "training_mode": "lora"},
+        "lora": {"rank": 4, "alpha": 4},
+        "training": {"steps": 4, "learning_rate": 1e-3, "mixed_precision_mode": "no", "scheduler_type": "constant"},
+        "checkpoints": {"interval": 2, "save_dtype": "fp32"},
+        "output_dir": str(tmp_path / "outputs"),
+        "seed": 7,
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return validate_config(raw)
+
+
+def trainable_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
+    return cache.load_tensors(ckpt / "state" / "trainable.safetensors")
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    return make_cache(tmp_path / "data")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_pack_latents_token_order_matches_ltx_pipeline():
+    from diffusers import LTXPipeline
+
+    x = torch.randn(2, 128, 3, 2, 4)
+    assert torch.equal(training.pack_latents(x), LTXPipeline._pack_latents(x, 1, 1))
+
+
+def test_timestep_shift_is_linear_between_ltxv_anchor_points():
+    assert training.timestep_shift(1024) == pytest.approx(0.95)
+    assert training.timestep_shift(4096) == pytest.approx(2.05)
+    assert training.timestep_shift(2560) == pytest.approx(1.5)
+
+
+def test_sigmas_shift_towards_noise_for_long_sequences():
+    g = torch.Generator().manual_seed(0)
+    short = training.sample_sigmas(4000, 64, g)
+    long = training.sample_sigmas(4000, 8192, g)
+    flat = training.sample_sigmas(4000, 8192, g, shift=False)
+    assert ((short > 0) & (short < 1)).all()
+    assert long.mean() > short.mean() + 0.2
+    assert abs(flat.mean().item() - 0.5) < 0.03  # no shift: symmetric logit-normal
+
+
+def test_first_frame_mask_covers_only_first_latent_frame_of_chosen_samples():
+    g = torch.Generator().manual_seed(0)
+    mask = training.first_frame_mask(6, tokens_per_frame=4, seq_len=12, p=1.0, generator=g)
+    assert mask[:, :4].all() and not mask[:, 4:].any()
+    assert not training.first_frame_mask(6, 4, 12, p=0.0, generator=g).any()
+
+
+def test_loss_ignores_masked_tokens():
+    pred, target = torch.zeros(1, 3, 2), torch.ones(1, 3, 2)
+    target[0, 0] = 100.0
+    keep = torch.tensor([[False, True, True]])
+    assert training.flow_matching_loss(pred, target, keep).item() == pytest.approx(1.0)
+
+
+def test_epoch_batches_are_bucket_pure_and_cover_every_sample_once():
+    groups = [[0, 1, 2, 3, 4], [5, 6, 7]]
+    batches = training.epoch_batches(groups, batch_size=2, seed=3, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(set(b) <= set(groups[0]) or set(b) <= set(groups[1]) for b in batches)
+    assert batches == training.epoch_batches(groups, 2, seed=3, epoch=0)
+    assert batches != training.epoch_batches(groups, 2, seed=3, epoch=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model setup and the single step
+
+
+def test_prepare_transformer_lora_trains_only_adapter_weights(tmp_path):
+    cfg = make_config(tmp_path)
+    tr = training.prepare_transformer(cfg)
+    trainable = [n for n, p in tr.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("attn1.to_q.lora_A" in n for n in trainable)
+
+
+def test_prepare_transformer_rejects_unknown_target_modules(tmp_path):
+    cfg = make_config(tmp_path, lora={"target_modules": ["no_such_module"]})
+    with pytest.raises(UserError, match="lora.target_modules"):
+        training.prepare_transformer(cfg)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_training_step_gives_finite_loss_and_gradients(tmp_path, manifest, p):
+    cfg = make_config(tmp_path, training={"first_frame_conditioning_p": p})
+    tr = training.prepare_transformer(cfg)
+    data = training.CachedDataset(manifest, cfg)
+    batch = data.load_batch([0, 1], torch.device("cpu"))
+    loss = training.training_step(tr, batch, torch.Generator().manual_seed(0), cfg)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    grads = [p.grad for p in tr.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_dataset_refuses_a_cache_made_for_other_buckets(tmp_path, manifest):
+    cfg = make_config(tmp_path, buckets=((96, 64, 9),))
+    with pytest.raises(UserError, match="resolution_buckets"):
+        training.CachedDataset(manifest, cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole training runs
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_train_writes_checkpoints_logs_and_metrics(tmp_path, manifest, mode):
+    cfg = make_config(tmp_path, model={"training_mode": mode}, training={"steps": 4, "mixed_precision_mode": "bf16"})
+    run_dir = tmp_path / "run"
+    result = training.train(cfg, run_dir, manifest)
+
+    kind = "lora" if mode == "lora" else "transformer"
+    expected = [run_dir / "checkpoints" / f"step_{s:06d}" / f"ltxv_{kind}_step_{s:06d}.safetensors" for s in (2, 4)]
+    assert result.final_step == 4
+    assert result.checkpoints == expected
+    assert all(p.is_file() for p in expected)
+    assert result.final_loss is not None and math.isfinite(result.final_loss)
+    assert (run_dir / "checkpoints" / "step_000004" / "state" / "training_state.json").is_file()
+    assert not list((run_dir / "checkpoints").glob(".tmp*"))
+
+    with safe_open(str(expected[-1]), "pt") as f:
+        keys = list(f.keys())
+    if mode == "lora":
+        assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
+    else:
+        assert "proj_in.weight" in keys and not any("lora" in k for k in keys)
+
+    rows = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"loss", "lr", "grad_norm", "s_per_step", "samples_per_s", "peak_memory_mb"} <= set(rows[0])
+    assert "training done: step 4" in (run_dir / "logs" / "train.log").read_text()
+    assert (run_dir / "logs" / "loss.png").stat().st_size > 0
+
+
+def test_training_changes_only_trainable_weights_and_they_move(tmp_path, manifest):
+    cfg = make_config(tmp_path, training={"steps": 2}, checkpoints={"interval": None})
+    training.train(cfg, tmp_path / "run", manifest)
+    trained = trainable_from_checkpoint(tmp_path / "run" / "checkpoints" / "step_000002")
+    init = training.trainable_state_dict(training.prepare_transformer(cfg))
+    assert trained.keys() == init.keys()
+    assert any(not torch.equal(trained[k], init[k]) for k in init)
+
+
+def test_gradient_accumulation_and_batches(tmp_path):
+    manifest = make_cache(tmp_path / "data", buckets=((64, 64, 9), (96, 64, 17)), clips_per_bucket=3)
+    cfg = make_config(
+        tmp_path,
+        buckets=((64, 64, 9), (96, 64, 17)),
+        training={"steps": 2, "batch_size": 2, "gradient_accumulation_steps": 2},
+        checkpoints={"interval": None},
+    )
+    result = training.train(cfg, tmp_path / "run", manifest)
+    state = json.loads((tmp_path / "run/checkpoints/step_000002/state/training_state.json").read_text())
+    assert result.final_step == 2 and state["data_position"] == 4  # 2 steps x 2 micro-batches
+    rows = [json.loads(line) for line in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
+    assert all(r["samples_per_s"] > 0 for r in rows)
+
+
+def test_keep_last_n_prunes_old_checkpoints_but_keeps_newest(tmp_path, manifest):
+    cfg = make_config(tmp_path, training={"steps": 5}, checkpoints={"interval": 1, "keep_last_n": 2})
+    result = training.train(cfg, tmp_path / "run", manifest)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step_000004", "step_000005"]
+    assert [p.parent.name for p in result.checkpoints] == kept
+
+
+def test_fp16_on_cpu_falls_back_to_bf16(tmp_path, manifest, caplog):
+    cfg = make_config(tmp_path, training={"steps": 1, "mixed_precision_mode": "fp16"}, checkpoints={"interval": None})
+    with caplog.at_level("WARNING", logger="ltxv_tuner"):
+        result = training.train(cfg, tmp_path / "run", manifest)
+    assert result.final_step == 1
+    assert "fp16 needs a GPU" in caplog.text
+
+
+def test_adamw8bit_without_bitsandbytes_is_a_clear_error(tmp_path, manifest):
+    pytest.importorskip("torch")
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    cfg = make_config(tmp_path, training={"steps": 1, "optimizer_type": "adamw8bit"})
+    with pytest.raises(UserError, match="bitsandbytes"):
+        training.train(cfg, tmp_path / "run", manifest)
