@@ -5,7 +5,9 @@
                                    (VAE latents_mean/std and scaling_factor applied), unpacked
     conditions/<key>.safetensors   "prompt_embeds": [L, D], "prompt_attention_mask": [L] (int64)
     manifests/<settings_key>.json  which clip uses which files; written last (see Manifest)
-    decoded/                       optional mp4s decoded back from latents (preprocessing.decode_videos)
+    decoded/<latent key>.mp4       optional mp4s decoded back from latents (preprocessing.decode_videos)
+    sources.json                   per source file: size, mtime, sha256 and probe result, so unchanged
+                                   videos are neither hashed nor opened again (shared by all configs)
 
 Keys are content hashes of everything that produced a file (ARCHITECTURE.md section 4), so a file is
 either exactly right for the current settings or absent. Every file is written to a temporary name and
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 CACHE_FORMAT_VERSION = 1
@@ -54,6 +57,14 @@ def latent_path(root: Path, key: str) -> Path:
 
 def condition_path(root: Path, key: str) -> Path:
     return conditions_dir(root) / f"{key}.safetensors"
+
+
+def decoded_path(root: Path, key: str) -> Path:
+    return decoded_dir(root) / f"{key}.mp4"
+
+
+def sources_index_path(root: Path) -> Path:
+    return root / "sources.json"
 
 
 def hash_key(parts: dict) -> str:
@@ -89,6 +100,38 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+class CacheFileError(ValueError):
+    """A cache file that cannot be read (truncated, overwritten, not safetensors)."""
+
+
+def read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """(tensor name -> shape, string metadata) from a safetensors header, without reading the data.
+
+    Raises CacheFileError when the file is missing or not a readable safetensors file.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            return shapes, dict(f.metadata() or {})
+    except (OSError, SafetensorError) as e:
+        raise CacheFileError(f"{path}: {e}") from None
+
+
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    return read_header(path)[0]
+
+
+def remove_stale_temp_files(root: Path) -> int:
+    """Delete temp files a killed run left behind (they never carry a final name). Returns how many."""
+    n = 0
+    for sub in (latents_dir(root), conditions_dir(root), manifests_dir(root), decoded_dir(root), root):
+        if sub.is_dir():
+            for tmp in sub.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
 @dataclass
 class CachedClip:
     """One training sample as the manifest records it."""
@@ -108,6 +151,11 @@ class Manifest:
     clips: list[CachedClip]
     skipped: list[dict] = field(default_factory=list)  # {"path": ..., "reason": ...}
     format_version: int = CACHE_FORMAT_VERSION
+    notes: list[dict] = field(default_factory=list)  # {"path": ..., "reason": ...}: reported, not blocking
+    # For the no-work fast path: [size, mtime_ns] of every video/caption file scanned (relative to data_folder),
+    # and the size of every cache file this manifest refers to (relative to the .precomputed root).
+    sources: dict[str, list[int]] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -119,7 +167,14 @@ class Manifest:
             clips=[CachedClip(**c) for c in data["clips"]],
             skipped=data.get("skipped", []),
             format_version=data.get("format_version", 0),
+            notes=data.get("notes", []),
+            sources=data.get("sources", {}),
+            files=data.get("files", {}),
         )
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def manifest_path(root: Path, settings_key: str) -> Path:

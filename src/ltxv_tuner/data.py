@@ -1,0 +1,137 @@
+"""The dataset folder: which clips pair with which caption, reading captions, choosing a bucket per clip.
+
+Rules (each problem becomes a one-line reason in the preprocessing report, never a silent drop):
+- a clip is `<stem>.<video ext>` (any case) with `<stem>.txt` beside it; subfolders are scanned too;
+  hidden files and folders (`.precomputed`, macOS `._clip.mp4`) are ignored;
+- a video without its .txt is skipped; a .txt without a video is listed as an orphan;
+- two videos sharing one caption (`a.mp4` + `a.mov` with `a.txt`) are ambiguous: both skipped;
+- captions are UTF-8 (a BOM is fine), CRLF or LF; surrounding blank space is stripped; several lines are joined
+  with spaces (reported); an empty or non-UTF-8 caption skips the clip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .video import VIDEO_EXTENSIONS
+
+CAPTION_EXTENSION = ".txt"
+
+
+class CaptionError(Exception):
+    """A caption that cannot be used; the message is the one-line reason."""
+
+
+@dataclass
+class ClipSource:
+    rel: str  # video path relative to the data folder, POSIX separators (the manifest's `video`)
+    video: Path
+    caption: Path
+
+
+@dataclass
+class Issue:
+    path: str  # relative to the data folder
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "reason": self.reason}
+
+
+@dataclass
+class ScanResult:
+    clips: list[ClipSource] = field(default_factory=list)
+    skipped: list[Issue] = field(default_factory=list)  # files that will not be trained on, with the reason
+    notes: list[Issue] = field(default_factory=list)  # worth telling, not blocking (orphan captions, ...)
+    files: list[Path] = field(default_factory=list)  # every video and caption file considered
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel_parts = path.relative_to(folder).parts
+        if any(part.startswith(".") for part in rel_parts):
+            continue
+        if path.is_file():
+            out.append(path)
+    return out
+
+
+def scan_folder(folder: str | Path) -> ScanResult:
+    """Pair videos with captions. The folder must exist (the caller reports a missing folder)."""
+    folder = Path(folder)
+    result = ScanResult()
+    videos: dict[Path, list[Path]] = defaultdict(list)  # stem path (no suffix) -> videos
+    captions: dict[Path, Path] = {}
+    for path in _visible_files(folder):
+        suffix = path.suffix.lower()
+        if suffix in VIDEO_EXTENSIONS:
+            videos[path.with_suffix("")].append(path)
+            result.files.append(path)
+        elif suffix == CAPTION_EXTENSION:
+            captions[path.with_suffix("")] = path
+            result.files.append(path)
+
+    def rel(p: Path) -> str:
+        return p.relative_to(folder).as_posix()
+
+    for stem, paths in sorted(videos.items()):
+        caption = captions.get(stem)
+        if len(paths) > 1:
+            names = " and ".join(p.name for p in paths)
+            reason = f"ambiguous: {names} share the caption {stem.name}.txt (rename one, with its caption)"
+            result.skipped += [Issue(rel(p), reason) for p in paths]
+            continue
+        if caption is None:
+            result.skipped.append(Issue(rel(paths[0]), f"no caption file {stem.name}.txt beside it"))
+            continue
+        result.clips.append(ClipSource(rel=rel(paths[0]), video=paths[0], caption=caption))
+    for stem, caption in sorted(captions.items()):
+        if stem not in videos:
+            result.notes.append(Issue(rel(caption), "caption without a video (orphan), ignored"))
+    return result
+
+
+def read_caption(path: str | Path) -> tuple[str, str | None]:
+    """(caption text, note or None). Raises CaptionError for an empty or undecodable caption."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CaptionError(
+            f"caption is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise CaptionError("caption file is empty; write a one-line description of the clip")
+    note = f"caption has {len(lines)} lines, joined with spaces" if len(lines) > 1 else None
+    return " ".join(lines), note
+
+
+def final_caption(caption: str, id_token: str | None) -> str:
+    """What the text encoder sees: `<id_token> <caption>` when a trigger word is set."""
+    token = (id_token or "").strip()
+    return f"{token} {caption}" if token else caption
+
+
+def choose_bucket(
+    width: int, height: int, num_frames: int, buckets: list[list[int]]
+) -> tuple[list[int] | None, str | None]:
+    """(bucket, None), or (None, reason) when the clip is shorter than every bucket.
+
+    Among the buckets the clip has enough frames for: the closest aspect ratio (on a log scale, so 2:1 and 1:2 are
+    equally far from 1:1), then the most frames, then the largest area.
+    """
+    fillable = [b for b in buckets if b[2] <= num_frames]
+    if not fillable:
+        shortest = min(b[2] for b in buckets)
+        return None, f"too short: {num_frames} frames, the shortest bucket needs {shortest}"
+    ratio = math.log(width / height)
+
+    def rank(b: list[int]) -> tuple:
+        return (round(abs(math.log(b[0] / b[1]) - ratio), 6), -b[2], -(b[0] * b[1]))
+
+    return min(fillable, key=rank), None

@@ -1,0 +1,700 @@
+"""Stage 1: clips + captions -> VAE latents and T5 embeddings under <data_folder>/.precomputed/.
+
+Only what is missing is encoded. Each latent is keyed by the video's content hash, its bucket, the frame/resize
+policy, the VAE identity, dtype and tiling; each condition by the final caption, the text-encoder identity, the
+token length and dtype (cache.hash_key). A run with unchanged files and settings does no work at all: the
+manifest records the size and mtime of every source file and the size of every cache file, and when those
+all match it is returned without opening a video or loading a model.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import models
+from .cache import (
+    CACHE_FORMAT_VERSION,
+    CachedClip,
+    CacheFileError,
+    Manifest,
+    cache_root,
+    condition_path,
+    conditions_dir,
+    decoded_dir,
+    decoded_path,
+    hash_key,
+    latent_path,
+    latents_dir,
+    load_tensors,
+    manifest_path,
+    read_header,
+    remove_stale_temp_files,
+    save_tensors_atomic,
+    sources_index_path,
+    write_json_atomic,
+)
+from .data import CaptionError, ClipSource, Issue, choose_bucket, final_caption, read_caption, scan_folder
+from .errors import UserError
+from .video import (
+    DEFAULT_FPS,
+    VideoError,
+    VideoInfo,
+    frames_to_vae_input,
+    probe_video,
+    read_clip,
+    start_index,
+    write_video,
+)
+
+# Bump when the way frames are picked or resized changes: every latent key changes with it.
+FRAME_POLICY = "frames-by-order;resize-cover;center-crop;v1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and keys
+
+
+def _device_dtype() -> tuple[str, torch.dtype]:
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _settings(cfg, dtype: torch.dtype) -> dict:
+    """Everything that decides the cache keys; its hash names the manifest. JSON-native (compared after a reload)."""
+    ds, pp = cfg.dataset, cfg.dataset.preprocessing
+    ident = models.model_identity(cfg.model)
+    return {
+        "buckets": [list(map(int, b)) for b in ds.resolution_buckets],
+        "id_token": (ds.id_token or "").strip() or None,
+        "max_text_length": pp.max_text_length,
+        "frame_sampling": pp.frame_sampling,
+        "frame_policy": FRAME_POLICY,
+        "vae": str(ident["vae"]),
+        "text_encoder": str(ident["text_encoder"]),
+        "dtype": _dtype_name(dtype),
+        "vae_tiling": pp.vae_tiling,
+    }
+
+
+def _latent_key(settings: dict, sha256: str, bucket: list[int], start: int) -> str:
+    return hash_key(
+        {
+            "kind": "latent",
+            "video_sha256": sha256,
+            "bucket": bucket,
+            "start_frame": start,
+            "frame_policy": settings["frame_policy"],
+            "vae": settings["vae"],
+            "dtype": settings["dtype"],
+            "vae_tiling": settings["vae_tiling"],
+        }
+    )
+
+
+def _condition_key(settings: dict, caption: str) -> str:
+    return hash_key(
+        {
+            "kind": "condition",
+            "caption": caption,
+            "text_encoder": settings["text_encoder"],
+            "max_text_length": settings["max_text_length"],
+            "dtype": settings["dtype"],
+        }
+    )
+
+
+def _data_folder(cfg) -> Path:
+    folder = Path(cfg.dataset.data_folder).expanduser()
+    if not folder.exists():
+        raise UserError(
+            f"dataset.data_folder: {folder} does not exist (point it at a folder of clip.mp4 + clip.txt pairs)"
+        )
+    if not folder.is_dir():
+        raise UserError(f"dataset.data_folder: {folder} is a file, not a folder (give the folder that holds the clips)")
+    return folder
+
+
+def _snapshot(folder: Path, files: Iterable[Path]) -> dict[str, list[int]]:
+    out = {}
+    for p in files:
+        st = p.stat()
+        out[p.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-source memo: content hash and probe result, reused while size and mtime are unchanged
+
+
+class _SourceIndex:
+    def __init__(self, root: Path, folder: Path):
+        self.path, self.folder = sources_index_path(root), folder
+        self.entries: dict[str, dict] = {}
+        self.dirty = False
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                if data.get("format_version") == CACHE_FORMAT_VERSION:
+                    self.entries = data.get("files", {})
+            except (OSError, ValueError, AttributeError):
+                self.entries = {}  # a damaged memo only costs re-hashing; it is rewritten below
+                self.dirty = True
+
+    def get(self, src: ClipSource) -> dict:
+        st = src.video.stat()
+        entry = self.entries.get(src.rel)
+        if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+            return entry
+        sha = _sha256(src.video)
+        if entry and entry.get("sha256") == sha:  # touched, not changed: keep the probe
+            entry = {**entry, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        else:
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+            try:
+                entry["probe"] = probe_video(src.video).to_json()
+            except VideoError as e:
+                entry["error"] = str(e)
+        self.entries[src.rel] = entry
+        self.dirty = True
+        return entry
+
+    def mark_bad(self, rel: str, reason: str) -> None:
+        if rel in self.entries:
+            self.entries[rel] = {**self.entries[rel], "error": reason}
+            self.entries[rel].pop("probe", None)
+            self.dirty = True
+
+    def keep_only(self, rels: set[str]) -> None:
+        for rel in set(self.entries) - rels:
+            del self.entries[rel]
+            self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            write_json_atomic(self.path, {"format_version": CACHE_FORMAT_VERSION, "files": self.entries})
+            self.dirty = False
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: which clip goes to which bucket and files
+
+
+@dataclass
+class _Item:
+    src: ClipSource
+    caption: str  # final caption, id_token included
+    bucket: list[int]
+    start: int
+    latent_key: str
+    condition_key: str
+
+
+@dataclass
+class _Report:
+    skipped: list[Issue] = field(default_factory=list)
+    notes: list[Issue] = field(default_factory=list)
+    latents_encoded: int = 0
+    latents_reused: int = 0
+    conditions_encoded: int = 0
+    conditions_reused: int = 0
+    repaired: int = 0
+    decoded: int = 0
+    pruned: int = 0
+
+
+def _plan(cfg, folder: Path, root: Path, settings: dict, report: _Report) -> tuple[list[_Item], _SourceIndex]:
+    scan = scan_folder(folder)
+    report.skipped += scan.skipped
+    report.notes += scan.notes
+    index = _SourceIndex(root, folder)
+    items = []
+    for src in tqdm(scan.clips, desc="scan", unit="clip", leave=False, disable=len(scan.clips) < 20):
+        caption_rel = src.caption.relative_to(folder).as_posix()
+        try:
+            caption, note = read_caption(src.caption)
+        except CaptionError as e:
+            report.skipped.append(Issue(caption_rel, str(e)))
+            continue
+        if note:
+            report.notes.append(Issue(caption_rel, note))
+        entry = index.get(src)
+        if entry.get("error"):
+            report.skipped.append(Issue(src.rel, entry["error"]))
+            continue
+        info = VideoInfo(**entry["probe"])
+        bucket, why = choose_bucket(info.width, info.height, info.num_frames, settings["buckets"])
+        if bucket is None:
+            report.skipped.append(Issue(src.rel, why))
+            continue
+        start = start_index(info.num_frames, bucket[2], settings["frame_sampling"])
+        caption = final_caption(caption, settings["id_token"])
+        items.append(
+            _Item(
+                src=src,
+                caption=caption,
+                bucket=bucket,
+                start=start,
+                latent_key=_latent_key(settings, entry["sha256"], bucket, start),
+                condition_key=_condition_key(settings, caption),
+            )
+        )
+    index.keep_only({p.relative_to(folder).as_posix() for p in scan.files})
+    index.save()
+    return items, index
+
+
+def _expected_latent_hw(bucket: list[int]) -> list[int]:
+    w, h, f = bucket
+    return [(f - 1) // 8 + 1, h // 32, w // 32]
+
+
+def _check_latent(path: Path, bucket: list[int]) -> bool:
+    try:
+        shapes, _ = read_header(path)
+    except CacheFileError:
+        return False
+    shape = shapes.get("latents")
+    return shape is not None and len(shape) == 4 and shape[1:] == _expected_latent_hw(bucket)
+
+
+def _check_condition(path: Path, max_len: int) -> bool:
+    try:
+        shapes, _ = read_header(path)
+    except CacheFileError:
+        return False
+    emb, mask = shapes.get("prompt_embeds"), shapes.get("prompt_attention_mask")
+    return emb is not None and mask is not None and len(emb) == 2 and emb[0] == max_len and mask == [max_len]
+
+
+def _needed(paths: dict[str, Path], ok: Callable[[str, Path], bool], report: _Report) -> list[str]:
+    """Keys whose file is absent or unusable (unusable ones are deleted and counted as repaired)."""
+    missing = []
+    for key, path in paths.items():
+        if path.is_file():
+            if ok(key, path):
+                continue
+            path.unlink()
+            report.repaired += 1
+            reason = "cache file unreadable or of the wrong shape, encoded again"
+            report.notes.append(Issue(f"{path.parent.name}/{path.name}", reason))
+        missing.append(key)
+    return missing
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _free(*objs) -> None:
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, dtype: torch.dtype, report: _Report):
+    max_len = cfg.dataset.preprocessing.max_text_length
+    batch_size = cfg.dataset.preprocessing.batch_size
+    tokenizer, encoder = models.load_text_encoder(cfg.model, dtype=dtype, device=device)
+    keys = list(captions)
+    with tqdm(total=len(keys), desc="T5 captions", unit="caption") as bar:
+        for i in range(0, len(keys), batch_size):
+            batch = keys[i : i + batch_size]
+            texts = [captions[k] for k in batch]
+            tok = tokenizer(
+                texts, padding="max_length", max_length=max_len, truncation=True, add_special_tokens=True,
+                return_tensors="pt",
+            )  # fmt: skip
+            # As LTXPipeline.encode_prompt: T5 runs without the mask; the mask is kept for the transformer.
+            embeds = encoder(tok.input_ids.to(device))[0]
+            for j, key in enumerate(batch):
+                full_len = len(tokenizer(texts[j], add_special_tokens=True).input_ids)
+                if full_len > max_len:
+                    report.notes.append(
+                        Issue(texts[j][:40], f"caption truncated from {full_len} to {max_len} tokens (max_text_length)")
+                    )
+                save_tensors_atomic(
+                    condition_path(root, key),
+                    {"prompt_embeds": embeds[j], "prompt_attention_mask": tok.attention_mask[j].to(torch.int64)},
+                    metadata={"caption": texts[j][:2000], "format_version": str(CACHE_FORMAT_VERSION)},
+                )
+                report.conditions_encoded += 1
+            bar.update(len(batch))
+    _free(tokenizer, encoder)
+
+
+def _normalize(latents: torch.Tensor, vae) -> torch.Tensor:
+    mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    std = vae.latents_std.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    return (latents - mean) * vae.config.scaling_factor / std
+
+
+def _denormalize(latents: torch.Tensor, vae) -> torch.Tensor:
+    mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    std = vae.latents_std.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    return latents * std / vae.config.scaling_factor + mean
+
+
+def _in_order(items: list, fn: Callable, workers: int) -> Iterator[tuple]:
+    """(item, fn(item) or the VideoError) in order; with workers > 0 up to 2*workers items decode ahead in threads."""
+
+    def call(item):
+        try:
+            return fn(item)
+        except VideoError as e:
+            return e
+
+    if workers <= 0:
+        for item in items:
+            yield item, call(item)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending = []
+        it = iter(items)
+        for item in it:
+            pending.append((item, pool.submit(call, item)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            item, fut = pending.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(call, nxt)))
+            yield item, fut.result()
+
+
+@torch.inference_mode()
+def _encode_latents(
+    cfg, root: Path, todo: list[_Item], device: str, dtype: torch.dtype, report: _Report, on_bad: Callable
+) -> dict[str, float]:
+    """Encode one latent per item (items share no key). Returns fps per latent key; bad videos go to on_bad."""
+    pp = cfg.dataset.preprocessing
+    vae = models.load_vae(cfg.model, dtype=dtype, device=device)
+    if pp.vae_tiling:
+        vae.enable_tiling()
+    fps_by_key: dict[str, float] = {}
+    # Same-bucket batches; items keep folder order inside a bucket.
+    by_bucket: dict[tuple, list[_Item]] = {}
+    for item in todo:
+        by_bucket.setdefault(tuple(item.bucket), []).append(item)
+    ordered = [item for group in by_bucket.values() for item in group]
+
+    def decode(item: _Item):
+        w, h, f = item.bucket
+        return read_clip(item.src.video, w, h, f, item.start)
+
+    def flush(batch: list[tuple[_Item, torch.Tensor, float]]):
+        x = torch.stack([frames_to_vae_input(frames) for _, frames, _ in batch]).to(device=device, dtype=dtype)
+        latents = _normalize(vae.encode(x).latent_dist.mode(), vae)
+        for (item, _, fps), lat in zip(batch, latents, strict=True):
+            save_tensors_atomic(
+                latent_path(root, item.latent_key),
+                {"latents": lat},
+                metadata={"fps": repr(fps), "video": item.src.rel, "format_version": str(CACHE_FORMAT_VERSION)},
+            )
+            fps_by_key[item.latent_key] = fps
+            report.latents_encoded += 1
+
+    batch: list = []
+    with tqdm(total=len(ordered), desc="VAE latents", unit="clip") as bar:
+        for item, result in _in_order(ordered, decode, pp.num_workers):
+            if isinstance(result, VideoError):
+                on_bad(item, str(result))
+            else:
+                if batch and batch[0][0].bucket != item.bucket:
+                    flush(batch)
+                    batch = []
+                batch.append((item, *result))
+                if len(batch) >= pp.batch_size:
+                    flush(batch)
+                    batch = []
+            bar.update(1)
+        if batch:
+            flush(batch)
+    _free(vae)
+    return fps_by_key
+
+
+@torch.inference_mode()
+def _decode_previews(cfg, root: Path, clips: list[CachedClip], device: str, dtype: torch.dtype, report: _Report):
+    todo = {c.latent_key: c for c in clips if not decoded_path(root, c.latent_key).is_file()}
+    if not todo:
+        return
+    vae = models.load_vae(cfg.model, dtype=dtype, device=device)
+    if cfg.dataset.preprocessing.vae_tiling:
+        vae.enable_tiling()
+    for key, clip in tqdm(todo.items(), desc="decode previews", unit="clip"):
+        z = _denormalize(load_tensors(latent_path(root, key))["latents"][None].to(device, dtype), vae)
+        temb = torch.zeros(1, device=device, dtype=dtype) if vae.config.timestep_conditioning else None
+        video = vae.decode(z, temb=temb).sample[0]
+        frames = video.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
+        out = decoded_path(root, key)
+        tmp = out.with_name(f".{out.stem}.part.mp4")  # written aside and renamed: no half mp4 under the final name
+        write_video(tmp, frames, clip.fps)
+        tmp.replace(out)
+        report.decoded += 1
+    _free(vae)
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest, fast path, prune, report
+
+
+def _manifest_files(root: Path, clips: list[CachedClip], with_decoded: bool) -> dict[str, int]:
+    files = {}
+    for c in clips:
+        paths = [latent_path(root, c.latent_key), condition_path(root, c.condition_key)]
+        if with_decoded:
+            paths.append(decoded_path(root, c.latent_key))
+        for p in paths:
+            files[p.relative_to(root).as_posix()] = p.stat().st_size
+    return files
+
+
+def _reusable(mpath: Path, root: Path, settings: dict, sources: dict, with_decoded: bool) -> Manifest | None:
+    """The manifest, when nothing it depends on changed and every file it names is present at its size."""
+    if not mpath.is_file():
+        return None
+    try:
+        manifest = Manifest.read(mpath)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable manifest: rebuilt by the full path
+    if manifest.format_version != CACHE_FORMAT_VERSION or manifest.settings != settings:
+        return None
+    if manifest.sources != sources:
+        return None
+    for rel, size in manifest.files.items():
+        p = root / rel
+        try:
+            if p.stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    if with_decoded and any(not decoded_path(root, c.latent_key).is_file() for c in manifest.clips):
+        return None
+    return manifest
+
+
+def _prune(root: Path, manifest: Manifest) -> int:
+    keep = {root / rel for rel in manifest.files}
+    n = 0
+    for folder in (latents_dir(root), conditions_dir(root), decoded_dir(root)):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.is_file() and p not in keep:
+                p.unlink()
+                n += 1
+    return n
+
+
+def _dir_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _strict_error(skipped: list[Issue]) -> UserError:
+    lines = "; ".join(f"{i.path}: {i.reason}" for i in skipped[:20])
+    more = f" (+{len(skipped) - 20} more)" if len(skipped) > 20 else ""
+    return UserError(
+        f"dataset.strict is on and {len(skipped)} file(s) would be skipped: {lines}{more} "
+        "(fix them, or set dataset.strict: false to train without them)"
+    )
+
+
+def _no_clip_error(folder: Path, skipped: list[Issue]) -> UserError:
+    if not skipped:
+        return UserError(
+            f"dataset.data_folder: no clips in {folder} (expected video files - .mp4 .mov .avi .mkv .webm .m4v - "
+            "each with a same-name .txt caption, e.g. clip1.mp4 + clip1.txt)"
+        )
+    lines = "; ".join(f"{i.path}: {i.reason}" for i in skipped[:10])
+    return UserError(f"dataset.data_folder: no usable clip in {folder}, all {len(skipped)} skipped: {lines}")
+
+
+def _print_report(mpath: Path, root: Path, manifest: Manifest, report: _Report, seconds: float) -> None:
+    print(f"preprocess: {len(manifest.clips)} clip(s) ready in {root} ({seconds:.1f} s)")
+    print(f"  {'':12}{'encoded':>9}{'reused':>9}")
+    print(f"  {'latents':12}{report.latents_encoded:>9}{report.latents_reused:>9}")
+    print(f"  {'conditions':12}{report.conditions_encoded:>9}{report.conditions_reused:>9}")
+    if report.repaired:
+        print(f"  repaired {report.repaired} unreadable cache file(s)")
+    if report.decoded:
+        print(f"  decoded {report.decoded} preview video(s) to {decoded_dir(root)}")
+    if report.pruned:
+        print(f"  pruned {report.pruned} cache file(s) no clip refers to")
+    if report.skipped:
+        print(f"  skipped {len(report.skipped)}:")
+        for i in report.skipped:
+            print(f"    {i.path}: {i.reason}")
+    if report.notes:
+        print(f"  notes {len(report.notes)}:")
+        for i in report.notes:
+            print(f"    {i.path}: {i.reason}")
+    print(f"  cache size on disk: {_human(_dir_size(root))}; manifest {mpath.name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def run_preprocess(cfg) -> Path:
+    """Encode what is missing for the current config; return the manifest path. Prints what it did."""
+    t0 = time.perf_counter()
+    folder = _data_folder(cfg)
+    root = cache_root(folder)
+    device, dtype = _device_dtype()
+    settings = _jsonable(_settings(cfg, dtype))
+    mpath = manifest_path(root, hash_key(settings))
+    pp = cfg.dataset.preprocessing
+
+    scan_files = scan_folder(folder).files
+    if not scan_files:
+        raise _no_clip_error(folder, [])
+    sources = _snapshot(folder, scan_files)
+
+    manifest = _reusable(mpath, root, settings, sources, pp.decode_videos)
+    if manifest is not None:
+        if cfg.dataset.strict and manifest.skipped:
+            raise _strict_error([Issue(**s) for s in manifest.skipped])
+        pruned = _prune(root, manifest) if pp.prune else 0
+        n = len(manifest.clips)
+        extra = f", {len(manifest.skipped)} skipped" if manifest.skipped else ""
+        extra += f", pruned {pruned} file(s)" if pruned else ""
+        print(f"preprocess: cache reused, nothing to encode ({n} clip(s){extra}; {time.perf_counter() - t0:.2f} s)")
+        return mpath
+
+    remove_stale_temp_files(root)
+    report = _Report()
+    items, index = _plan(cfg, folder, root, settings, report)
+    if cfg.dataset.strict and report.skipped:
+        raise _strict_error(report.skipped)
+    if not items:
+        raise _no_clip_error(folder, report.skipped)
+
+    # Text first, then the VAE: only one model is in memory at a time.
+    max_len = pp.max_text_length
+    cond_paths = {it.condition_key: condition_path(root, it.condition_key) for it in items}
+    cond_todo = _needed(cond_paths, lambda k, p: _check_condition(p, max_len), report)
+    report.conditions_reused = len(cond_paths) - len(cond_todo)
+    if cond_todo:
+        captions = {it.condition_key: it.caption for it in items}
+        _encode_conditions(cfg, root, {k: captions[k] for k in cond_todo}, device, dtype, report)
+
+    first_by_latent = {}
+    for it in items:
+        first_by_latent.setdefault(it.latent_key, it)
+    lat_paths = {k: latent_path(root, k) for k in first_by_latent}
+    lat_todo = _needed(lat_paths, lambda k, p: _check_latent(p, first_by_latent[k].bucket), report)
+    report.latents_reused = len(lat_paths) - len(lat_todo)
+    bad_keys: set[str] = set()
+    fps_by_key: dict[str, float] = {}
+    if lat_todo:
+
+        def on_bad(item: _Item, reason: str) -> None:
+            bad_keys.add(item.latent_key)
+            index.mark_bad(item.src.rel, reason)
+
+        fps_by_key = _encode_latents(cfg, root, [first_by_latent[k] for k in lat_todo], device, dtype, report, on_bad)
+        index.save()
+
+    clips, skipped = [], list(report.skipped)
+    for it in items:
+        if it.latent_key in bad_keys:
+            skipped.append(Issue(it.src.rel, _reason_for(index, it.src.rel)))
+            continue
+        shapes, meta = read_header(latent_path(root, it.latent_key))
+        fps = fps_by_key.get(it.latent_key) or float(meta.get("fps", DEFAULT_FPS))
+        clips.append(
+            CachedClip(
+                video=it.src.rel,
+                caption=it.caption,
+                bucket=list(it.bucket),
+                fps=fps,
+                latent_key=it.latent_key,
+                condition_key=it.condition_key,
+                latent_shape=shapes["latents"],
+            )
+        )
+    report.skipped = skipped
+    if cfg.dataset.strict and skipped:
+        raise _strict_error(skipped)
+    if not clips:
+        raise _no_clip_error(folder, skipped)
+    if pp.decode_videos:
+        _decode_previews(cfg, root, clips, device, dtype, report)
+
+    manifest = Manifest(
+        settings=settings,
+        clips=clips,
+        skipped=[i.to_json() for i in skipped],
+        notes=[i.to_json() for i in report.notes],
+        sources=sources,
+        files=_manifest_files(root, clips, pp.decode_videos),
+    )
+    write_json_atomic(mpath, manifest.to_json())  # last: a killed run leaves the previous manifest or none
+    if pp.prune:
+        report.pruned = _prune(root, manifest)
+    _print_report(mpath, root, manifest, report, time.perf_counter() - t0)
+    return mpath
+
+
+def _reason_for(index: _SourceIndex, rel: str) -> str:
+    return index.entries.get(rel, {}).get("error", "could not be decoded")
+
+
+def find_manifest(cfg) -> Path:
+    """The manifest for the current settings (for `--only train`); UserError when preprocessing has not run."""
+    folder = _data_folder(cfg)
+    root = cache_root(folder)
+    _, dtype = _device_dtype()
+    settings = _jsonable(_settings(cfg, dtype))
+    mpath = manifest_path(root, hash_key(settings))
+    if not mpath.is_file():
+        raise UserError(
+            f"no preprocessed data in {root} for the current dataset/model settings: run preprocessing first "
+            "(drop `--only train`, or run with `--only preprocess`)"
+        )
+    manifest = Manifest.read(mpath)
+    missing = [rel for rel in manifest.files if not (root / rel).is_file()]
+    if missing:
+        raise UserError(
+            f"{mpath}: {len(missing)} cache file(s) it lists are gone (e.g. {missing[0]}): run preprocessing again"
+        )
+    return mpath
