@@ -22,9 +22,10 @@ def read_metrics(path: Path) -> list[dict]:
         return []
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
+        try:
             rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # blank, or the half line of a run killed while writing
     return rows
 
 

@@ -394,6 +394,7 @@ def _save_checkpoint(accelerator, model, cfg: Config, run_dir: Path, step: int, 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / ckpts.STATE_DIR))
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(model)
         weights = tmp / ckpts.weights_file_name(cfg.model.training_mode, step)

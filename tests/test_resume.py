@@ -1,0 +1,169 @@
+"""Exact resume: a checkpoint is the whole training state (weights, optimizer, scheduler, RNG, data position)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import make_cache, make_config, trainable_from_checkpoint
+
+from ltxv_tuner import checkpoints, training
+from ltxv_tuner.errors import UserError
+
+BUCKETS = ((64, 64, 9), (96, 64, 17))
+
+# Everything that could make a resumed run drift: batches of 2 over two buckets (data order), warmup
+# (scheduler state), dropout (global RNG), image-to-video draws and noise (per-step generators), clipping.
+HARD = {
+    "training": {
+        "batch_size": 2,
+        "warmup_steps": 2,
+        "scheduler_type": "constant",
+        "first_frame_conditioning_p": 0.5,
+        "max_grad_norm": 0.05,
+        "weight_decay": 0.1,
+        "mixed_precision_mode": "bf16",
+    },
+    "lora": {"dropout": 0.1},
+    "checkpoints": {"interval": 3},
+}
+
+
+def _cfg(tmp_path: Path, steps: int, **extra):
+    sections = {k: dict(v) for k, v in HARD.items()}
+    for k, v in extra.items():
+        sections.setdefault(k, {}).update(v)
+    sections["training"]["steps"] = steps
+    return make_config(tmp_path, buckets=BUCKETS, **sections)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    return make_cache(tmp_path / "data", buckets=BUCKETS, clips_per_bucket=3)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_three_plus_three_steps_equal_six_straight(tmp_path, manifest):
+    straight = tmp_path / "straight"
+    training.train(_cfg(tmp_path, 6), straight, manifest)
+
+    resumed = tmp_path / "resumed"
+    first = training.train(_cfg(tmp_path, 3), resumed, manifest)
+    assert first.final_step == 3
+    result = training.train(_cfg(tmp_path, 6), resumed, manifest, resume_from=resumed)
+
+    assert result.final_step == 6
+    assert [p.parent.name for p in result.checkpoints] == ["step_000003", "step_000006"]
+    _assert_same_weights(
+        trainable_from_checkpoint(straight / "checkpoints" / "step_000006"),
+        trainable_from_checkpoint(resumed / "checkpoints" / "step_000006"),
+    )
+    a, b = _metrics(straight), _metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    state = json.loads((resumed / "checkpoints/step_000006/state/training_state.json").read_text())
+    assert state["step"] == 6 and state["data_position"] == 6
+    log = (resumed / "logs" / "train.log").read_text()
+    assert "resumed from" in log and "step_000003" in log
+
+
+def test_resume_continues_pruning_across_runs(tmp_path, manifest):
+    run = tmp_path / "run"
+    training.train(_cfg(tmp_path, 4, checkpoints={"interval": 1, "keep_last_n": 2}), run, manifest)
+    training.train(_cfg(tmp_path, 6, checkpoints={"interval": 1, "keep_last_n": 2}), run, manifest, resume_from=run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000005", "step_000006"]
+
+
+def test_resume_with_changed_lora_settings_says_what_differs(tmp_path, manifest):
+    run = tmp_path / "run"
+    training.train(_cfg(tmp_path, 3), run, manifest)
+    changed = _cfg(tmp_path, 6, lora={"rank": 8, "target_modules": ["to_q"]})
+    with pytest.raises(UserError, match=r"lora\.rank: 4 -> 8.*lora\.target_modules"):
+        training.train(changed, run, manifest, resume_from=run)
+    assert checkpoints.latest_checkpoint(run).name == "step_000003"  # nothing was overwritten
+
+
+def test_resume_target_missing_or_empty_is_an_error_never_a_fresh_start(tmp_path, manifest):
+    with pytest.raises(UserError, match="does not exist"):
+        training.train(_cfg(tmp_path, 3), tmp_path / "run", manifest, resume_from=tmp_path / "nope")
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        training.train(_cfg(tmp_path, 3), empty, manifest, resume_from=empty)
+    assert not (empty / "checkpoints" / "step_000001").exists()
+
+
+def test_half_written_checkpoints_are_never_the_latest(tmp_path, manifest):
+    run = tmp_path / "run"
+    training.train(_cfg(tmp_path, 3), run, manifest)
+    (run / "checkpoints" / ".tmp_step_000004" / "state").mkdir(parents=True)
+    (run / "checkpoints" / "step_000005").mkdir()  # no state: not complete
+    assert checkpoints.latest_checkpoint(run).name == "step_000003"
+    result = training.train(_cfg(tmp_path, 4, checkpoints={"interval": 10}), run, manifest, resume_from=run)
+    assert result.final_step == 4
+    assert not (run / "checkpoints" / ".tmp_step_000004").exists()
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path, manifest):
+    run = tmp_path / "run"
+    training.train(_cfg(tmp_path, 3), run, manifest)
+    before = (run / "logs" / "metrics.jsonl").read_text()
+    result = training.train(_cfg(tmp_path, 3), run, manifest, resume_from=run)
+    assert result.final_step == 3 and len(result.checkpoints) == 1
+    assert (run / "logs" / "metrics.jsonl").read_text() == before
+
+
+def test_sigkill_after_a_checkpoint_then_resume_loses_nothing(tmp_path, manifest):
+    """A real training process killed with SIGKILL mid-run; the resume ends bit-identical to a straight run."""
+    cfg_long = _cfg(tmp_path, 100_000, checkpoints={"interval": 2})
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg_long.to_yaml())
+    cmd = [sys.executable, "-m", "ltxv_tuner.training", "--config", str(run / "config.yaml")]
+    cmd += ["--run-dir", str(run), "--manifest", str(manifest)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            done = checkpoints.list_checkpoints(run)
+            if done and done[-1][0] >= 4:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training process ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+    last = checkpoints.list_checkpoints(run)[-1][0]
+    target = last + 2
+    result = training.train(_cfg(tmp_path, target, checkpoints={"interval": 2}), run, manifest, resume_from=run)
+    assert result.final_step == target
+
+    straight = tmp_path / "straight"
+    training.train(_cfg(tmp_path, target, checkpoints={"interval": target}), straight, manifest)
+    _assert_same_weights(
+        trainable_from_checkpoint(straight / "checkpoints" / f"step_{target:06d}"),
+        trainable_from_checkpoint(run / "checkpoints" / f"step_{target:06d}"),
+    )
+    assert [r["step"] for r in _metrics(run)] == list(range(1, target + 1))
+    assert not list((run / "checkpoints").glob(".tmp*"))
