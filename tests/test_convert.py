@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,281 @@ def test_cli_module_entry_point_runs_a_run_folder(lora_file, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert lora.with_name(lora.stem + "_comfy.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 2: every LoRA target, round trips through diffusers, full single-file reload, detection, --to-diffusers
+
+# Every module peft can put a LoRA on in LTXV is an nn.Linear (norm_q/norm_k are RMSNorm, time_embed is a container,
+# scale_shift_table a parameter: peft refuses them). `linear_1`/`linear_2` hit time_embed's timestep embedder and the
+# caption projection, `linear` is time_embed.linear.
+ALL_LINEAR = [*ATTN, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "linear_1", "linear_2", "linear"]
+RENAMED_IN_COMFY = {"proj_in", "linear_1", "linear_2", "linear"}  # live under patchify_proj / adaln_single
+
+
+def forward_inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(1, 8, 128, generator=g),
+        encoder_hidden_states=torch.randn(1, 6, tiny.TINY_TEXT_DIM, generator=g),
+        timestep=torch.tensor([500.0]),
+        encoder_attention_mask=torch.ones(1, 6),
+        num_frames=2,
+        height=2,
+        width=2,
+        return_dict=False,
+    )
+
+
+def run_transformer(t):
+    with torch.no_grad():
+        return t.eval()(**forward_inputs())[0]
+
+
+@pytest.fixture(scope="module")
+def pipeline_parts():
+    return dict(
+        scheduler=tiny.build_ltxv_scheduler(),
+        vae=tiny.build_tiny_vae(),
+        text_encoder=tiny.build_tiny_text_encoder(),
+        tokenizer=tiny.build_tiny_tokenizer(),
+    )
+
+
+def diffusers_output(parts, lora_path):
+    """Load the file the way a diffusers user would: LTXPipeline.load_lora_weights on a fresh base."""
+    from diffusers import LTXPipeline
+
+    pipe = LTXPipeline(transformer=tiny.build_tiny_transformer(), **parts)
+    pipe.load_lora_weights(str(lora_path))
+    return run_transformer(pipe.transformer)
+
+
+def assert_rel_close(out, ref, tol=1e-5):
+    rel = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert rel <= tol, f"relative difference {rel:.2e} > {tol}"
+
+
+def lora_module_names(tensors, prefix):
+    return {convert._split_lora_key(k)[0].removeprefix(prefix) for k in tensors}
+
+
+def test_every_linear_target_gets_comfy_names(tmp_path):
+    cfg = make_cfg(targets=ALL_LINEAR)
+    t = lora_transformer(cfg)
+    tensors, _ = read(convert.convert_file(export.save_lora(tmp_path, t, cfg, 1)))
+    linear = {n for n, m in tiny.build_tiny_transformer().named_modules() if isinstance(m, torch.nn.Linear)}
+    comfy_names = {convert.keys.diffusers_to_original(n) for n in linear}
+    modules = lora_module_names(tensors, "diffusion_model.")
+    assert modules == comfy_names  # every Linear of LTXV, each under its ComfyUI name
+    for name in [
+        "patchify_proj",
+        "proj_out",
+        "adaln_single.linear",
+        "adaln_single.emb.timestep_embedder.linear_1",
+        "adaln_single.emb.timestep_embedder.linear_2",
+        "caption_projection.linear_1",
+        "caption_projection.linear_2",
+        "transformer_blocks.1.attn2.to_v",
+        "transformer_blocks.0.ff.net.2",
+    ]:
+        assert name in modules
+
+
+@pytest.mark.parametrize("alpha_factor", [1, 2])
+@pytest.mark.parametrize("targets", [ATTN, [*ATTN, "ff.net.0.proj", "ff.net.2"], ALL_LINEAR], ids=["attn", "ff", "all"])
+def test_round_trip_through_diffusers_load_lora_weights(pipeline_parts, tmp_path, alpha_factor, targets):
+    rank = 4
+    cfg = make_cfg(rank=rank, alpha=alpha_factor * rank, targets=targets)
+    trained = lora_transformer(cfg)
+    ref = run_transformer(trained)
+    base = run_transformer(tiny.build_tiny_transformer())
+    assert (ref - base).abs().max() > 1e-3  # the LoRA really changes the output
+
+    src = export.save_lora(tmp_path, trained, cfg, 1)
+    assert_rel_close(diffusers_output(pipeline_parts, src), ref)
+
+    twin = convert.convert_file(src)
+    if not RENAMED_IN_COMFY & set(targets):
+        # diffusers reads `diffusion_model.` files by stripping the prefix: exact where both namings agree
+        assert_rel_close(diffusers_output(pipeline_parts, twin), ref)
+    # ... and the twin converted back loads exactly, whatever the targets
+    back = convert.convert_file(twin, to="diffusers")
+    assert_rel_close(diffusers_output(pipeline_parts, back), ref)
+    adapter = json.loads(read(back)[1][export.LORA_ADAPTER_METADATA_KEY])
+    assert adapter["transformer.r"] == rank and adapter["transformer.lora_alpha"] == rank  # alpha/r is in lora_B
+
+
+def test_full_twin_reloads_with_from_single_file_exactly(tmp_path):
+    from diffusers import LTXVideoTransformer3DModel
+
+    cfg = make_cfg(mode="full", dtype="fp32")
+    trained = tiny.build_tiny_transformer()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    trained.save_config(tmp_path / "pipe" / "transformer")
+    twin = convert.convert_file(export.save_full(tmp_path, trained, cfg, 2))
+    assert twin.name == "ltxv_transformer_step_000002_comfy.safetensors"
+    loaded = LTXVideoTransformer3DModel.from_single_file(
+        str(twin), config=str(tmp_path / "pipe"), subfolder="transformer", local_files_only=True
+    )
+    want, got = trained.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_full_twin_carries_base_config_metadata(tmp_path):
+    src = export.save_full(tmp_path, tiny.build_tiny_transformer(), make_cfg(mode="full"), 1)
+    config = '{"transformer": {"num_layers": 2}}'
+    _, meta = read(convert.convert_file(src, base_metadata={"config": config}))
+    assert meta["config"] == config and meta["ltxv_tuner.training_mode"] == "full"
+
+
+def test_convert_run_carries_base_metadata_for_full_checkpoints(tmp_path, monkeypatch):
+    from ltxv_tuner import models
+
+    cfg = make_cfg(mode="full")
+    run = tmp_path / "run"
+    (run / "config.yaml").parent.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    src = export.save_full(run / "checkpoints" / "step_000001", tiny.build_tiny_transformer(), cfg, 1)
+    seen = []
+
+    def fake_base_metadata(model_cfg):  # the base model's loader is not what is tested here
+        seen.append(model_cfg.model_source)
+        return {"config": '{"x": 1}'}
+
+    monkeypatch.setattr(models, "base_checkpoint_metadata", fake_base_metadata)
+    (twin,) = convert.convert_run(run)
+    assert seen == ["tiny"] and read(twin)[1]["config"] == '{"x": 1}'
+    assert twin == src.with_name(src.stem + "_comfy.safetensors")
+
+
+def test_comfy_files_are_recognised_and_not_converted_again(lora_file, tmp_path, capsys):
+    twin = convert.convert_file(lora_file[0], tmp_path / "a_comfy.safetensors")
+    with pytest.raises(convert.AlreadyConverted, match="already in ComfyUI form"):
+        convert.convert_file(twin, tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()
+    assert convert.main([str(twin), "--to-comfy"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "already in ComfyUI form" in err and "\n" not in err
+    # a file in ComfyUI form under a name without _comfy gets no twin in a run either
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "imported_lora.safetensors").write_bytes(twin.read_bytes())
+    assert convert.convert_run(run) == []
+
+
+@pytest.mark.parametrize(
+    "tensors, match",
+    [
+        ({"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 4)}, "not LTXV transformer LoRA keys"),
+        ({"encoder.conv_in.weight": torch.zeros(2, 2)}, "neither an LTXV LoRA nor an LTXV transformer"),
+        ({"transformer.foo.lora_A.weight": torch.zeros(2, 4)}, "not LTXV transformer LoRA keys"),
+    ],
+)
+def test_foreign_files_get_a_clear_message(tmp_path, capsys, tensors, match):
+    path = tmp_path / "foreign.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(UserError, match=match):
+        convert.convert_file(path)
+    assert convert.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "foreign.safetensors" in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_non_safetensors_and_incomplete_lora(tmp_path):
+    bad = tmp_path / "x.ckpt"
+    bad.write_bytes(b"junk")
+    with pytest.raises(UserError, match="only .safetensors"):
+        convert.convert_file(bad)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        convert.convert_file(junk)
+    half = tmp_path / "half.safetensors"
+    save_file({"diffusion_model.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32)}, str(half))
+    with pytest.raises(UserError, match="no lora_B"):
+        convert.convert_file(half, to="diffusers")
+
+
+def _comfy_lora_by_hand(trained, rank, alpha, kohya=False):
+    """A ComfyUI-style LoRA as other tools write it: original names, raw lora_B, `.alpha` tensors."""
+    out = {}
+    for name, mod in trained.named_modules():
+        if not hasattr(mod, "lora_A"):
+            continue
+        original = convert.keys.diffusers_to_original(name)
+        a, b = mod.lora_A["default"].weight.detach().clone(), mod.lora_B["default"].weight.detach().clone()
+        if kohya:
+            key = "lora_unet_" + original.replace(".", "_")
+            out |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b}
+        else:
+            key = "diffusion_model." + original
+            out |= {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
+        if alpha is not None:
+            out[f"{key}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+@pytest.mark.parametrize("form", ["comfy_alpha", "comfy_no_alpha", "kohya"])
+def test_to_diffusers_from_comfy_and_kohya_loras(pipeline_parts, tmp_path, form):
+    rank, alpha = 4, 8
+    with_alpha = form != "comfy_no_alpha"
+    cfg = make_cfg(rank=rank, alpha=alpha if with_alpha else rank, targets=ALL_LINEAR)
+    trained = lora_transformer(cfg)
+    ref = run_transformer(trained)
+    src = tmp_path / f"{form}.safetensors"
+    save_file(_comfy_lora_by_hand(trained, rank, alpha if with_alpha else None, kohya=form == "kohya"), str(src))
+    assert convert.main([str(src), "--to-diffusers"]) == 0
+    out = tmp_path / f"{form}_diffusers.safetensors"
+    tensors, meta = read(out)
+    assert all(k.startswith("transformer.") for k in tensors)
+    assert "transformer.proj_in.lora_A.weight" in tensors and "transformer.time_embed.linear.lora_B.weight" in tensors
+    assert not any(k.endswith(".alpha") for k in tensors)
+    adapter = json.loads(meta[export.LORA_ADAPTER_METADATA_KEY])
+    assert adapter["transformer.r"] == rank
+    assert adapter["transformer.lora_alpha"] == (alpha if with_alpha else rank)
+    assert_rel_close(diffusers_output(pipeline_parts, out), ref)
+
+
+def test_to_diffusers_mixed_alphas_fold_into_lora_b(pipeline_parts, tmp_path):
+    cfg = make_cfg(rank=4, alpha=4, targets=ATTN)
+    trained = lora_transformer(cfg)
+    tensors = _comfy_lora_by_hand(trained, 4, None)
+    tensors["diffusion_model.transformer_blocks.0.attn1.to_q.alpha"] = torch.tensor(12.0)  # 3x on one module
+    with torch.no_grad():
+        trained.transformer_blocks[0].attn1.to_q.lora_B["default"].weight.mul_(3.0)
+    src = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(src))
+    out = convert.convert_file(src, to="diffusers")
+    assert export.LORA_ADAPTER_METADATA_KEY not in read(out)[1]
+    assert_rel_close(diffusers_output(pipeline_parts, out), run_transformer(trained))
+
+
+def test_to_diffusers_full_original_checkpoint(tmp_path):
+    t = tiny.build_tiny_transformer()
+    sd = t.state_dict()
+    original = {"model.diffusion_model." + convert.keys.diffusers_to_original(k): v for k, v in sd.items()}
+    original["vae.decoder.conv_in.weight"] = torch.zeros(3)  # a whole single file also carries the VAE
+    src = tmp_path / "ltxv-single-file.safetensors"
+    save_file(original, str(src), metadata={"config": "{}"})
+    out = convert.convert_file(src, to="diffusers")
+    tensors, meta = read(out)
+    assert set(tensors) == set(sd) and all(torch.equal(tensors[k], sd[k]) for k in sd)
+    assert meta["config"] == "{}"
+    with pytest.raises(convert.AlreadyConverted, match="already in diffusers form"):
+        convert.convert_file(out, to="diffusers")
+
+
+def test_save_dtype_option(lora_file, tmp_path):
+    out = tmp_path / "half_comfy.safetensors"
+    assert convert.main([str(lora_file[0]), "-o", str(out), "--save-dtype", "bf16"]) == 0
+    tensors, _ = read(out)
+    assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
+    src_b = read(lora_file[0])[0]["transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"]
+    torch.testing.assert_close(
+        tensors["diffusion_model.transformer_blocks.0.attn1.to_q.lora_B.weight"], (src_b * 2).to(torch.bfloat16)
+    )

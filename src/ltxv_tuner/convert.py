@@ -253,7 +253,7 @@ def lora_to_diffusers(tensors, metadata, form, path, dtype=None) -> tuple[dict[s
             up = (up.float() * (mod.alpha / mod.rank)).to(dtype or up.dtype)
         out[f"{keys.DIFFUSERS_LORA_PREFIX}{m}.lora_A.weight"] = _cast(mod.down, dtype)
         out[f"{keys.DIFFUSERS_LORA_PREFIX}{m}.lora_B.weight"] = _cast(up, dtype)
-    meta = {k: v for k, v in metadata.items() if k != f"{export.META_PREFIX}alpha_folded_into_lora_B"}
+    meta = dict(metadata)
     if uniform:
         # Alpha goes into the metadata diffusers reads (as LTXPipeline.save_lora_weights writes it).
         from peft import LoraConfig
