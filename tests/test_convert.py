@@ -115,6 +115,9 @@ def _make_run(tmp_path, lora_src):
     state_file = step / "state" / "model.safetensors"
     state_file.write_bytes(lora_src.read_bytes())
     save_file({"x": torch.zeros(2)}, str(step / "state" / "optimizer.safetensors"))
+    # a checkpoint still being written (training renames .tmp_step_N/ to step_N/ when complete)
+    (run / "checkpoints" / ".tmp_step_000010").mkdir()
+    (run / "checkpoints" / ".tmp_step_000010" / lora_src.name).write_bytes(lora_src.read_bytes())
     return run, lora, state_file
 
 
@@ -125,6 +128,7 @@ def test_convert_run_skips_state_and_existing_twins(lora_file, tmp_path):
     twin = lora.with_name(lora.stem + "_comfy.safetensors")
     assert written == [twin] and twin.is_file()
     assert not list((run / "checkpoints").rglob("state/*_comfy.safetensors"))
+    assert not list((run / "checkpoints").rglob(".tmp_step_000010/*_comfy.safetensors"))
     for p, (mtime, data) in before.items():  # sources and state untouched
         assert p.stat().st_mtime_ns == mtime and p.read_bytes() == data
     mtime = twin.stat().st_mtime_ns

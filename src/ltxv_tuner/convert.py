@@ -353,11 +353,14 @@ def is_up_to_date(src: Path, twin: Path) -> bool:
 
 
 def weight_files(checkpoints_dir: Path) -> list[Path]:
-    """The .safetensors files convert may read: never under state/, never a _comfy twin."""
+    """The .safetensors files convert may read: never under state/, never a _comfy twin, never in a hidden
+    folder (training builds a checkpoint in .tmp_step_N/ and renames it when complete)."""
     files = []
     for path in sorted(checkpoints_dir.rglob("*.safetensors")):
         rel = path.relative_to(checkpoints_dir)
-        if STATE_DIR in rel.parts[:-1] or path.stem.endswith(COMFY_SUFFIX) or not path.is_file():
+        if STATE_DIR in rel.parts[:-1] or any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.stem.endswith(COMFY_SUFFIX) or not path.is_file():
             continue
         files.append(path)
     return files
