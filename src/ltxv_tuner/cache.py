@@ -126,9 +126,10 @@ def remove_stale_temp_files(root: Path) -> int:
     n = 0
     for sub in (latents_dir(root), conditions_dir(root), manifests_dir(root), decoded_dir(root), root):
         if sub.is_dir():
-            for tmp in sub.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-                n += 1
+            for pattern in (".*.tmp", ".*.part.mp4"):
+                for tmp in sub.glob(pattern):
+                    tmp.unlink(missing_ok=True)
+                    n += 1
     return n
 
 

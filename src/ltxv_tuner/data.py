@@ -82,7 +82,7 @@ def scan_folder(folder: str | Path) -> ScanResult:
         caption = captions.get(stem)
         if len(paths) > 1:
             names = " and ".join(p.name for p in paths)
-            reason = f"ambiguous: {names} share the caption {stem.name}.txt (rename one, with its caption)"
+            reason = f"ambiguous: {names} would share the caption {stem.name}.txt (rename one, with its caption)"
             result.skipped += [Issue(rel(p), reason) for p in paths]
             continue
         if caption is None:

@@ -177,10 +177,11 @@ class _SourceIndex:
         self.dirty = True
         return entry
 
-    def mark_bad(self, rel: str, reason: str) -> None:
+    def mark_bad(self, rel: str, latent_key: str, reason: str) -> None:
+        """Remember a decode failure for this clip and latent key (another bucket may need fewer frames)."""
         if rel in self.entries:
-            self.entries[rel] = {**self.entries[rel], "error": reason}
-            self.entries[rel].pop("probe", None)
+            entry = self.entries[rel]
+            entry["failed"] = {**entry.get("failed", {}), latent_key: reason}
             self.dirty = True
 
     def keep_only(self, rels: set[str]) -> None:
@@ -254,6 +255,10 @@ def _plan(cfg, folder: Path, root: Path, settings: dict, report: _Report) -> tup
             report.skipped.append(Issue(src.rel, why))
             continue
         start = start_index(info.num_frames, bucket[2], settings["frame_sampling"])
+        latent_key = _latent_key(settings, entry["sha256"], bucket, start)
+        if latent_key in entry.get("failed", {}):
+            report.skipped.append(Issue(src.rel, entry["failed"][latent_key]))
+            continue
         caption = final_caption(caption, settings["id_token"])
         items.append(
             _Item(
@@ -261,7 +266,7 @@ def _plan(cfg, folder: Path, root: Path, settings: dict, report: _Report) -> tup
                 caption=caption,
                 bucket=bucket,
                 start=start,
-                latent_key=_latent_key(settings, entry["sha256"], bucket, start),
+                latent_key=latent_key,
                 condition_key=_condition_key(settings, caption),
             )
         )
@@ -623,21 +628,23 @@ def run_preprocess(cfg) -> Path:
     lat_paths = {k: latent_path(root, k) for k in first_by_latent}
     lat_todo = _needed(lat_paths, lambda k, p: _check_latent(p, first_by_latent[k].bucket), report)
     report.latents_reused = len(lat_paths) - len(lat_todo)
-    bad_keys: set[str] = set()
+    bad_reasons: dict[str, str] = {}  # latent key -> why its video could not be decoded
     fps_by_key: dict[str, float] = {}
     if lat_todo:
 
         def on_bad(item: _Item, reason: str) -> None:
-            bad_keys.add(item.latent_key)
-            index.mark_bad(item.src.rel, reason)
+            bad_reasons[item.latent_key] = reason
+            for other in items:  # identical files share the key: all of them failed
+                if other.latent_key == item.latent_key:
+                    index.mark_bad(other.src.rel, item.latent_key, reason)
 
         fps_by_key = _encode_latents(cfg, root, [first_by_latent[k] for k in lat_todo], device, dtype, report, on_bad)
         index.save()
 
     clips, skipped = [], list(report.skipped)
     for it in items:
-        if it.latent_key in bad_keys:
-            skipped.append(Issue(it.src.rel, _reason_for(index, it.src.rel)))
+        if it.latent_key in bad_reasons:
+            skipped.append(Issue(it.src.rel, bad_reasons[it.latent_key]))
             continue
         shapes, meta = read_header(latent_path(root, it.latent_key))
         fps = fps_by_key.get(it.latent_key) or float(meta.get("fps", DEFAULT_FPS))
@@ -673,10 +680,6 @@ def run_preprocess(cfg) -> Path:
         report.pruned = _prune(root, manifest)
     _print_report(mpath, root, manifest, report, time.perf_counter() - t0)
     return mpath
-
-
-def _reason_for(index: _SourceIndex, rel: str) -> str:
-    return index.entries.get(rel, {}).get("error", "could not be decoded")
 
 
 def find_manifest(cfg) -> Path:
