@@ -173,3 +173,9 @@ def test_readme_config_reference_matches_schema():
     assert readme[start:end].strip() == config_reference_markdown().strip(), (
         "README config reference is stale: regenerate with `python scripts/update_readme_config.py`"
     )
+
+
+def test_lora_targets_that_are_not_linear_are_rejected():
+    (p,) = _problems(_base(lora={"target_modules": ["to_q", "norm_q", "time_embed"]}))
+    assert p.startswith("lora.target_modules: norm_q, time_embed: not a Linear layer")
+    assert validate_config(_base(lora={"target_modules": ["to_q", "ff.net.0.proj", "proj_in"]}))

@@ -113,6 +113,14 @@ class LoraConfig(_Section):
     def _targets(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("list at least one module, e.g. [to_k, to_q, to_v, to_out.0]")
+        # peft can only wrap Linear layers; these LTXV modules are norms, parameters or containers.
+        not_linear = {"norm_q", "norm_k", "norm1", "norm2", "time_embed", "scale_shift_table", "attn1", "attn2", "ff"}
+        bad = [m for m in v if m.split(".")[-1] in not_linear or m in ("to_out", "ff.net")]
+        if bad:
+            raise ValueError(
+                f"{', '.join(bad)}: not a Linear layer, cannot take a LoRA (use e.g. to_q, to_k, to_v, to_out.0, "
+                "ff.net.0.proj, ff.net.2, proj_in, proj_out)"
+            )
         return v
 
 
