@@ -37,7 +37,7 @@ from .cache import Manifest, condition_path, latent_path, load_tensors, save_ten
 from .config import Config, load_config
 from .errors import UserError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ltxv_tuner.training")  # not __name__: this module also runs as __main__
 
 LOG_EVERY = 10  # optimizer steps between host syncs for loss/grad-norm logging (also at checkpoints and the end)
 RESULT_FILE = "train_result.json"
@@ -581,7 +581,11 @@ def _make_accelerator(cfg: Config):
     mixed = resolve_mixed_precision(cfg, torch.cuda.is_available())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        accelerator = Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False)
+        # cpu=True on a machine without CUDA: accelerate then joins several launched processes with gloo
+        # (MULTI_CPU); without it each process would train alone as if it were the only one.
+        accelerator = Accelerator(
+            mixed_precision=mixed, step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available()
+        )
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
 

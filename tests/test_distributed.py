@@ -1,0 +1,51 @@
+"""Two real CPU processes through `accelerate launch` (gloo): one set of checkpoints, one log, result from files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from test_training import make_cache, make_config, trainable_from_checkpoint
+
+from ltxv_tuner import training
+
+
+def test_launch_command_for_two_cpu_processes(tmp_path):
+    cfg = make_config(tmp_path, training={"distributed": True, "num_processes": 2})
+    cmd = training.launch_command(cfg, tmp_path / "run", tmp_path / "m.json", None)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "2"
+    assert cmd[cmd.index("--config") + 1] == str(tmp_path / "run" / "config.yaml")
+    assert "ltxv_tuner.training" in cmd
+
+
+def test_two_process_cpu_run_end_to_end_then_resume(tmp_path):
+    manifest = make_cache(tmp_path / "data", clips_per_bucket=4)
+    cfg = make_config(
+        tmp_path, training={"distributed": True, "num_processes": 2, "steps": 4}, checkpoints={"interval": 2}
+    )
+    run = tmp_path / "run"
+    result = training.train(cfg, run, manifest)
+
+    assert result.final_step == 4
+    assert [p.parent.name for p in result.checkpoints] == ["step_000002", "step_000004"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    state_dir = run / "checkpoints" / "step_000004" / "state"
+    rng_files = sorted(p.name for p in state_dir.glob("random_states_*.pkl"))
+    assert rng_files == ["random_states_0.pkl", "random_states_1.pkl"]
+    state = json.loads((state_dir / "training_state.json").read_text())
+    assert state["num_processes"] == 2 and state["data_position"] == 8  # 4 steps x 2 processes
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    log = (run / "logs" / "train.log").read_text()
+    assert log.count("training done: step 4") == 1
+    assert all(torch.isfinite(t).all() for t in trainable_from_checkpoint(state_dir.parent).values())
+
+    more = make_config(
+        tmp_path, training={"distributed": True, "num_processes": 2, "steps": 6}, checkpoints={"interval": 2}
+    )
+    (run / "config.yaml").write_text(more.to_yaml())  # what the pipeline does before a resume
+    resumed = training.train(more, run, manifest, resume_from=run)
+    assert resumed.final_step == 6
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
