@@ -16,8 +16,22 @@ log = logging.getLogger("ltxv_tuner")
 RUN_PREFIX = "run_"
 
 
+def _quiet_libraries() -> None:
+    """diffusers/transformers warn at every load about things users cannot act on (dtype casts of tiny parts)."""
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+    except ImportError:  # without them the stages fail later with a clear message
+        pass
+
+
 def setup_console_logging() -> None:
     """Plain INFO messages on stdout; the run's file handler is added once the run folder exists."""
+    _quiet_libraries()
     if any(getattr(h, "_ltxv_console", False) for h in log.handlers):
         return
     h = logging.StreamHandler(sys.stdout)
@@ -94,6 +108,20 @@ def resolve_convert_target(run_dir: str | None, output_dir: Path) -> Path:
     return runs[-1]
 
 
+def _preflight(cfg: Config) -> None:
+    """Sequence length per bucket and the memory estimate, before any work (architecture known without weights)."""
+    from . import models, preflight, tiny
+
+    src = models.resolve_model_source(cfg.model)
+    if src.kind == "tiny":
+        tcfg = dict(tiny.TINY_TRANSFORMER_CONFIG)
+    elif src.kind == "named":
+        tcfg = models.transformer_config(src.version)
+    else:
+        tcfg = None  # a local file: its architecture is only known once loaded
+    preflight.report(cfg, tcfg)
+
+
 def _stage_preprocess(cfg: Config) -> Path:
     from .preprocess import run_preprocess
 
@@ -130,6 +158,7 @@ def run(
         raise UserError("--resume goes with training; drop it or drop --only preprocess")
 
     started = time.time()
+    _preflight(cfg)
     if only == "train":
         from .preprocess import find_manifest
 

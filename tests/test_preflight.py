@@ -1,0 +1,43 @@
+"""Preflight: token counts per bucket and the direction of each memory option's effect."""
+
+from __future__ import annotations
+
+from ltxv_tuner.config import validate_config
+from ltxv_tuner.models import transformer_config
+from ltxv_tuner.preflight import count_params, estimate_memory, report, sequence_length
+
+
+def _cfg(**training):
+    return validate_config(
+        {
+            "dataset": {"data_folder": "x", "resolution_buckets": [[768, 768, 97], [512, 512, 49]]},
+            "lora": {"rank": 128, "alpha": 128},
+            "training": training,
+        }
+    )
+
+
+def test_sequence_length_matches_the_vae_compression():
+    assert sequence_length(768, 768, 97) == 7488
+    assert sequence_length(512, 512, 49) == 1792
+    assert sequence_length(128, 96, 17) == 4 * 3 * 3
+
+
+def test_13b_parameter_count_and_memory_options():
+    tcfg = transformer_config("LTXV_13B_097_DEV")
+    n = count_params(tcfg)
+    assert 12.5e9 < n < 13.5e9
+    plain = estimate_memory(_cfg(), tcfg, [768, 768, 97], n)
+    ckpt = estimate_memory(_cfg(enable_gradient_checkpointing=True), tcfg, [768, 768, 97], n)
+    assert plain.tokens == 7488
+    assert 24 < plain.weights_gib < 25  # bf16 weights of 13B
+    assert ckpt.activations_gib < plain.activations_gib / 5
+    small = estimate_memory(_cfg(enable_gradient_checkpointing=True), tcfg, [512, 512, 49], n)
+    assert small.total_gib < ckpt.total_gib
+
+
+def test_report_prints_one_line_per_bucket():
+    lines = report(_cfg(), transformer_config("LTXV_2B_0.9.6_DEV"))
+    assert len(lines) == 2
+    assert "768x768x97: 7488 tokens" in lines[0] and "GiB" in lines[0]
+    assert report(_cfg(), None)[1].endswith("512x512x49: 1792 tokens")
