@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import videogen as vg
+from safetensors.torch import save_file
 from videogen import make_clip, make_dataset
 
-from ltxv_tuner.cache import Manifest, cache_root, condition_path, latent_path, load_tensors
+from ltxv_tuner import models
+from ltxv_tuner.cache import Manifest, cache_root, condition_path, latent_path, load_tensors, read_header
 from ltxv_tuner.config import validate_config
 from ltxv_tuner.errors import UserError
 from ltxv_tuner.preprocess import find_manifest, run_preprocess
+from ltxv_tuner.video import probe_video
 
 BUCKETS = [[128, 96, 17], [96, 128, 17]]
 
@@ -136,3 +147,284 @@ def test_manifest_is_json_with_settings(tmp_path: Path):
     assert data["settings"]["buckets"] == BUCKETS
     assert data["settings"]["vae"] == data["settings"]["text_encoder"] == "tiny-v1"
     assert set(data["sources"]) == {"clip0.mp4", "clip0.txt"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Incremental: each kind of change encodes exactly what it must
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    """Three clips preprocessed once; tests work on copies (copy2 keeps mtimes, so the copy's cache is current)."""
+    folder = tmp_path_factory.mktemp("baseline") / "data"
+    make_clip(folder / "a.mp4", 128, 96, 17, seed=1, caption="a red ball bouncing")
+    make_clip(folder / "b.mov", 96, 128, 17, seed=2, caption="a blue square sliding")
+    make_clip(folder / "c.mkv", 160, 120, 18, seed=3, caption="waves rolling onto a beach")
+    run_preprocess(make_cfg(folder))
+    return folder
+
+
+@pytest.fixture()
+def data(baseline: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "data"
+    shutil.copytree(baseline, dst)
+    return dst
+
+
+def by_video(mpath: Path) -> dict[str, object]:
+    return {c.video: c for c in Manifest.read(mpath).clips}
+
+
+def edit_caption(folder: Path, mp):
+    (folder / "b.txt").write_text("a blue square sliding fast\n", encoding="utf-8")
+    return make_cfg(folder)
+
+
+def add_clip(folder: Path, mp):
+    make_clip(folder / "d.webm", 128, 96, 17, seed=4, caption="a cat jumping over a fence")
+    return make_cfg(folder)
+
+
+def remove_clip(folder: Path, mp):
+    (folder / "c.mkv").unlink()
+    return make_cfg(folder)
+
+
+def change_buckets(folder: Path, mp):
+    return make_cfg(folder, buckets=[[64, 64, 9], [128, 96, 9], [96, 128, 9]])
+
+
+def change_id_token(folder: Path, mp):
+    return make_cfg(folder, id_token="SQUISH")
+
+
+def change_model(folder: Path, mp):
+    real = models.model_identity
+    mp.setattr(models, "model_identity", lambda m: {k: v + "-other" for k, v in real(m).items()})
+    return make_cfg(folder)
+
+
+def touch_only(folder: Path, mp):
+    os.utime(folder / "a.mp4")  # new mtime, same bytes: re-hashed, nothing encoded
+    return make_cfg(folder)
+
+
+@pytest.mark.parametrize(
+    "change, latents, conditions, videos",
+    [
+        (edit_caption, set(), {"b.mov"}, {"a.mp4", "b.mov", "c.mkv"}),
+        (add_clip, {"d.webm"}, {"d.webm"}, {"a.mp4", "b.mov", "c.mkv", "d.webm"}),
+        (remove_clip, set(), set(), {"a.mp4", "b.mov"}),
+        (change_buckets, {"a.mp4", "b.mov", "c.mkv"}, set(), {"a.mp4", "b.mov", "c.mkv"}),
+        (change_id_token, set(), {"a.mp4", "b.mov", "c.mkv"}, {"a.mp4", "b.mov", "c.mkv"}),
+        (change_model, {"a.mp4", "b.mov", "c.mkv"}, {"a.mp4", "b.mov", "c.mkv"}, {"a.mp4", "b.mov", "c.mkv"}),
+        (touch_only, set(), set(), {"a.mp4", "b.mov", "c.mkv"}),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_change_encodes_exactly_what_changed(data: Path, monkeypatch, change, latents, conditions, videos):
+    old = by_video(manifest_of(data))
+    before = cache_files(data)
+    mpath = run_preprocess(change(data, monkeypatch))
+    new = by_video(mpath)
+    assert set(new) == videos
+    expected = {f"latents/{new[v].latent_key}.safetensors" for v in latents}
+    expected |= {f"conditions/{new[v].condition_key}.safetensors" for v in conditions}
+    assert changed(before, cache_files(data)) == expected
+    assert set(before) <= set(cache_files(data))  # nothing deleted without prune (removed clip's files stay)
+    for v in videos - latents - conditions:
+        if v in old:
+            assert (new[v].latent_key, new[v].condition_key) == (old[v].latent_key, old[v].condition_key)
+
+
+def manifest_of(folder: Path) -> Path:
+    (mpath,) = (cache_root(folder) / "manifests").glob("*.json")
+    return mpath
+
+
+def test_damaged_cache_file_is_encoded_again(data: Path, capsys):
+    clips = by_video(manifest_of(data))
+    bad_latent = latent_path(cache_root(data), clips["a.mp4"].latent_key)
+    bad_latent.write_bytes(bad_latent.read_bytes()[:100])  # truncated
+    bad_cond = condition_path(cache_root(data), clips["c.mkv"].condition_key)
+    save_file({"prompt_embeds": torch.zeros(5, 32)}, str(bad_cond))  # readable but wrong content
+    before = cache_files(data)
+    run_preprocess(make_cfg(data))
+    written = changed(before, cache_files(data))
+    assert written == {f"latents/{bad_latent.name}", f"conditions/{bad_cond.name}"}
+    assert list(load_tensors(bad_latent)["latents"].shape) == [128, 3, 3, 4]
+    assert "repaired 2 unreadable cache file(s)" in capsys.readouterr().out
+
+
+def test_prune_deletes_only_unreferenced(data: Path):
+    old = by_video(manifest_of(data))
+    (data / "c.mkv").unlink()
+    mpath = run_preprocess(make_cfg(data, preprocessing={"prune": True}))
+    left = set(cache_files(data))
+    kept = {f"latents/{c.latent_key}.safetensors" for c in by_video(mpath).values()}
+    kept |= {f"conditions/{c.condition_key}.safetensors" for c in by_video(mpath).values()}
+    assert left == kept and len(left) == 4
+    assert f"latents/{old['c.mkv'].latent_key}.safetensors" not in left
+
+
+def test_strict_turns_skips_into_an_error(data: Path):
+    (data / "b.txt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"dataset.strict is on and 1 file\(s\) would be skipped: b.txt: caption"):
+        run_preprocess(make_cfg(data, strict=True))
+    run_preprocess(make_cfg(data))  # not strict: trains without it
+    assert set(by_video(manifest_of(data))) == {"a.mp4", "c.mkv"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs, options, kill safety
+
+
+def test_bad_input_gallery(tmp_path: Path, capsys):
+    """Every kind of bad input is skipped with its own one-line reason; the good clips are still cached."""
+    d = tmp_path / "data"
+    make_clip(d / "good.mp4", 128, 96, 17, seed=1)
+    make_clip(d / "rotated.mp4", 128, 96, 17, seed=2, rotation=90)  # shown portrait
+    make_clip(d / "multiline.mkv", 128, 96, 17, seed=3, caption="a red ball\r\nbouncing high")
+    (d / "bom.txt").write_bytes("\ufeffa ball with a BOM\r\n".encode())
+    make_clip(d / "bom.mp4", 96, 128, 17, seed=4, caption=None)
+    cases = {
+        "zero.mp4": (vg.make_zero_byte, "empty file (0 bytes)"),
+        "truncated.mp4": (lambda p: vg.make_truncated(p, num_frames=17), "not a readable video"),
+        "corrupt.mkv": (lambda p: vg.make_corrupt(p, num_frames=17), "cannot decode the video stream"),
+        "text.avi": (vg.make_not_a_video, "not a readable video"),
+        "audio.m4v": (vg.make_audio_only, "no video stream"),
+    }
+    for name, (maker, _) in cases.items():
+        maker(d / name)
+        (d / name).with_suffix(".txt").write_text("a caption\n", encoding="utf-8")
+    make_clip(d / "short.mp4", num_frames=9)
+    make_clip(d / "nocaption.webm", caption=None)
+    make_clip(d / "empty_caption.mp4", seed=5, caption="")
+    make_clip(d / "latin1.mp4", seed=6, caption=None)
+    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    make_clip(d / "twin.mp4", seed=7)
+    make_clip(d / "twin.mov", seed=8, caption=None)
+    (d / "orphan.txt").write_text("no video here\n", encoding="utf-8")
+
+    manifest = Manifest.read(run_preprocess(make_cfg(d)))
+    clips = {c.video: c for c in manifest.clips}
+    assert set(clips) == {"good.mp4", "rotated.mp4", "multiline.mkv", "bom.mp4"}
+    assert clips["rotated.mp4"].bucket == [96, 128, 17]
+    assert clips["multiline.mkv"].caption == "a red ball bouncing high"
+    assert clips["bom.mp4"].caption == "a ball with a BOM"
+    skipped = {s["path"]: s["reason"] for s in manifest.skipped}
+    for name, (_, reason) in cases.items():
+        assert reason in skipped[name], name
+    assert skipped["short.mp4"] == "too short: 9 frames, the shortest bucket needs 17"
+    assert skipped["nocaption.webm"] == "no caption file nocaption.txt beside it"
+    assert skipped["empty_caption.txt"].startswith("caption file is empty")
+    assert skipped["latin1.txt"].startswith("caption is not UTF-8")
+    assert skipped["twin.mp4"].startswith("ambiguous") and skipped["twin.mov"].startswith("ambiguous")
+    assert len(skipped) == 11
+    notes = {n["path"]: n["reason"] for n in manifest.notes}
+    assert notes == {
+        "orphan.txt": "caption without a video (orphan), ignored",
+        "multiline.txt": "caption has 2 lines, joined with spaces",
+    }
+    out = capsys.readouterr().out
+    assert "skipped 11:" in out and "zero.mp4: empty file (0 bytes)" in out
+    # Unchanged bad files are not opened again: the second run is the no-work fast path.
+    run_preprocess(make_cfg(d))
+    assert "cache reused" in capsys.readouterr().out
+
+
+def test_batching_and_decode_threads_give_the_same_cache(tmp_path: Path):
+    a = make_dataset(tmp_path / "a", n=3)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    ma = Manifest.read(run_preprocess(make_cfg(a)))
+    mb = Manifest.read(run_preprocess(make_cfg(b, preprocessing={"batch_size": 2, "num_workers": 2})))
+    assert [(c.video, c.latent_key, c.condition_key) for c in ma.clips] == [
+        (c.video, c.latent_key, c.condition_key) for c in mb.clips
+    ]
+    for ca in ma.clips:
+        la = load_tensors(latent_path(cache_root(a), ca.latent_key))["latents"]
+        lb = load_tensors(latent_path(cache_root(b), ca.latent_key))["latents"]
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+        ea = load_tensors(condition_path(cache_root(a), ca.condition_key))["prompt_embeds"]
+        eb = load_tensors(condition_path(cache_root(b), ca.condition_key))["prompt_embeds"]
+        torch.testing.assert_close(ea, eb, rtol=1e-4, atol=1e-4)
+
+
+def test_center_sampling_and_decoded_previews(tmp_path: Path):
+    d = tmp_path / "data"
+    make_clip(d / "long.mp4", 128, 96, 33, seed=1)
+    start = Manifest.read(run_preprocess(make_cfg(d)))
+    cfg = make_cfg(d, preprocessing={"frame_sampling": "center", "decode_videos": True})
+    center = Manifest.read(run_preprocess(cfg))
+    assert start.clips[0].latent_key != center.clips[0].latent_key  # other frames, other latent
+    assert start.clips[0].condition_key == center.clips[0].condition_key
+    preview = cache_root(d) / "decoded" / f"{center.clips[0].latent_key}.mp4"
+    info = probe_video(preview)
+    assert (info.width, info.height, info.num_frames) == (128, 96, 17)
+
+
+KILL_SCRIPT = """
+import sys
+from ltxv_tuner.config import validate_config
+from ltxv_tuner.preprocess import run_preprocess
+cfg = validate_config({"dataset": {"data_folder": sys.argv[1], "resolution_buckets": [[128, 96, 17]],
+                                   "preprocessing": {"max_text_length": 32}}, "model": {"model_source": "tiny"}})
+run_preprocess(cfg)
+"""
+
+
+def run_script(folder: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(folder)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def cache_contents(folder: Path) -> dict[str, object]:
+    """Every cache file; safetensors as (metadata, raw tensor bytes), since their header order is not stable."""
+    root = cache_root(folder)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(root).as_posix()
+        if p.suffix == ".safetensors":
+            out[rel] = (read_header(p)[1], {k: v.numpy().tobytes() for k, v in load_tensors(p).items()})
+        else:
+            out[rel] = p.read_bytes()
+    return out
+
+
+@pytest.mark.slow  # three fresh processes (~10 s start-up each on a busy 2-core machine)
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path: Path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    make_dataset(ref, n=4)
+    shutil.copytree(ref, killed)
+    assert run_script(ref).wait(timeout=300) == 0
+
+    proc = run_script(killed)
+    lat_dir = cache_root(killed) / "latents"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if lat_dir.is_dir() and any(lat_dir.glob("*.safetensors")):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed mid-way"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    partial = len(list(lat_dir.glob("*.safetensors")))
+    assert 1 <= partial < 4
+    assert not (cache_root(killed) / "manifests").exists()  # the manifest is written last
+
+    rerun = run_script(killed)
+    out = rerun.communicate(timeout=300)[0].decode()
+    assert rerun.returncode == 0, out
+    assert re.search(rf"latents\s+{4 - partial}\s+{partial}\n", out), out  # reused what the killed run finished
+    got, want = cache_contents(killed), cache_contents(ref)
+    manifests = [k for k in want if k.startswith("manifests/")]
+    assert manifests and [k for k in got if k.startswith("manifests/")] == manifests
+    for k in manifests:  # same clips, keys and shapes (sources hold each folder's own mtimes)
+        assert json.loads(got.pop(k))["clips"] == json.loads(want.pop(k))["clips"]
+    got.pop("sources.json"), want.pop("sources.json")
+    assert got == want  # every latent and condition: same tensors to the bit, same metadata; no temp files
