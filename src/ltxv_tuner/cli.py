@@ -47,7 +47,7 @@ def _save_traceback() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     debug = args.debug or os.environ.get("LTXV_DEBUG", "") not in ("", "0")
     try:
         from .config import load_config
