@@ -194,6 +194,49 @@ def test_non_ltxv_files_are_rejected(tmp_path):
         models.load_transformer(ModelConfig(model_source=str(junk)))
 
 
+def test_transformer_only_file_needs_model_vae(tmp_path, reference_models):
+    transformer, vae = reference_models
+    path = _write_single_file(
+        tmp_path / "t.safetensors", transformer, None, _metadata(None, tiny.TINY_TRANSFORMER_CONFIG)
+    )
+    with pytest.raises(UserError, match="holds only a transformer, no VAE; set model.vae"):
+        models.load_vae(ModelConfig(model_source=str(path)))
+    vae_file = tmp_path / "vae.safetensors"
+    _write_single_file(vae_file, transformer, vae, _metadata(vae))
+    _assert_same_weights(models.load_vae(ModelConfig(model_source=str(path), vae=str(vae_file))), vae)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fp8_file_loads_in_requested_dtype(tmp_path, reference_models, scaled):
+    transformer, _ = reference_models
+    fp8 = torch.float8_e4m3fn
+    tensors, expected = {}, {}
+    for k, v in transformer.state_dict().items():
+        name = ORIGINAL_TRANSFORMER_PREFIX + diffusers_to_original(k)
+        if v.ndim == 2 and k.endswith(
+            ".weight"
+        ):  # Linear weights stored in fp8, as in Lightricks' / ComfyUI's fp8 files
+            scale = v.abs().max() / 448 if scaled else torch.tensor(1.0)
+            q = (v / scale).to(fp8)
+            tensors[name] = q
+            if scaled:
+                tensors[name.removesuffix(".weight") + ".weight_scale"] = scale.reshape(())
+                tensors[name.removesuffix(".weight") + ".input_scale"] = torch.tensor(1.0)
+            expected[k] = (q.float() * scale).to(torch.bfloat16)
+        else:
+            tensors[name] = v.to(torch.bfloat16)
+            expected[k] = v.to(torch.bfloat16)
+    path = tmp_path / "fp8.safetensors"
+    save_file(tensors, str(path), metadata=_metadata(None, tiny.TINY_TRANSFORMER_CONFIG))
+    loaded = models.load_transformer(ModelConfig(model_source=str(path)), dtype=torch.bfloat16).state_dict()
+    assert set(loaded) == set(expected)
+    for k, v in expected.items():
+        assert loaded[k].dtype == torch.bfloat16 and torch.equal(loaded[k], v), k
+    if scaled:  # the dequantised weights are close to the originals, not 448x off
+        w = "transformer_blocks.0.attn1.to_q.weight"
+        assert torch.allclose(loaded[w].float(), transformer.state_dict()[w], rtol=0.15, atol=1e-3)
+
+
 def test_missing_and_unknown_sources(tmp_path):
     missing = tmp_path / "nope" / "model.safetensors"
     with pytest.raises(UserError, match=re.escape(str(missing))):
@@ -274,6 +317,20 @@ def test_named_version_offline_and_not_cached_fails_fast(no_hub):
     assert "model.model_source" in msg
     with pytest.raises(UserError, match="text encoder"):
         models.load_text_encoder(ModelConfig(model_source="LTXV_13B_097_DEV"))
+
+
+def test_named_version_without_network_fails_fast(monkeypatch, tmp_path):
+    # Not offline mode, but the hub is unreachable (a closed local port): one probe, no retry loop.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"ltx-video-2b-v0.9.1.safetensors .*Lightricks/LTX-Video \(no connection"):
+        models.load_vae(ModelConfig(model_source="LTXV_2B_0.9.1"))
+    with pytest.raises(UserError, match=r"^model.text_encoder: .*no connection.*set model.text_encoder"):
+        models.load_text_encoder(ModelConfig(model_source="LTXV_2B_0.9.1"))
+    assert time.monotonic() - start < 5
 
 
 def _populate_hub_cache(cache: Path, repo: str, files: dict[str, Path], rev: str = "0123456789abcdef" * 2 + "01234567"):

@@ -168,9 +168,7 @@ def _env_true(name: str) -> bool:
 
 def _hf_offline() -> bool:
     # Read the environment at call time: huggingface_hub freezes its constants at import.
-    from huggingface_hub import constants
-
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
 
 
 def _hf_cache_dir() -> Path:
@@ -184,25 +182,35 @@ def _hf_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def _hf_endpoint() -> str | None:
+    # HF_ENDPOINT (a mirror) is honoured even when set after huggingface_hub was imported.
+    return os.environ.get("HF_ENDPOINT") or None
+
+
 def _is_network_error(err: Exception) -> bool:
     mod = type(err).__module__.split(".")[0]
     return isinstance(err, OSError) or mod in ("httpx", "httpx2", "httpcore", "requests", "urllib3", "huggingface_hub")
 
 
-def _hub_error(repo: str, what: str, reason: str) -> UserError:
+def _hub_error(repo: str, what: str, reason: str, key: str = "model.model_source") -> UserError:
+    fix = (
+        "set model.text_encoder to a local folder with text_encoder/ + tokenizer/ (or a T5 folder)"
+        if key == "model.text_encoder"
+        else "point model.model_source at a local .safetensors file or diffusers folder"
+    )
     return UserError(
-        f"model.model_source: cannot get {what} from the Hugging Face repo {repo} ({reason}); "
-        f"download it once with network access (cache: {_hf_cache_dir()}), or point model.model_source at a local "
-        ".safetensors file / diffusers folder (and model.text_encoder at a local T5 folder)"
+        f"{key}: cannot get {what} from the Hugging Face repo {repo} ({reason}); run once with network access "
+        f"to download it into the HF cache ({_hf_cache_dir()}), or {fix}"
     )
 
 
-def _probe_hub(repo: str, filename: str, what: str) -> None:
+def _probe_hub(repo: str, filename: str, what: str, key: str = "model.model_source") -> None:
     """One HEAD request without retries, so a machine without network fails in seconds, not minutes."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     try:
-        get_hf_file_metadata(hf_hub_url(repo, filename, revision=HF_REVISION), timeout=HUB_TIMEOUT_S)
+        url = hf_hub_url(repo, filename, revision=HF_REVISION, endpoint=_hf_endpoint())
+        get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S)
     except Exception as err:
         if not _is_network_error(err):
             raise
@@ -213,7 +221,7 @@ def _probe_hub(repo: str, filename: str, what: str) -> None:
             reason = "file not found in the repo (HTTP 404)"
         else:
             reason = f"no connection: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip()
-        raise _hub_error(repo, what, reason) from None
+        raise _hub_error(repo, what, reason, key) from None
 
 
 def _hf_file(repo: str, filename: str) -> Path:
@@ -224,12 +232,13 @@ def _hf_file(repo: str, filename: str) -> Path:
     cached = try_to_load_from_cache(repo, filename, cache_dir=str(cache_dir), revision=HF_REVISION)
     if isinstance(cached, str) and Path(cached).is_file():
         return Path(cached)
-    what = f"{filename} (HF_HUB_OFFLINE is set and it is not in the cache)" if _hf_offline() else filename
     if _hf_offline():
-        raise _hub_error(repo, what, "offline mode")
+        raise _hub_error(repo, filename, "HF_HUB_OFFLINE is set and the file is not in the HF cache")
     _probe_hub(repo, filename, filename)
     try:
-        return Path(hf_hub_download(repo, filename, revision=HF_REVISION, cache_dir=str(cache_dir)))
+        return Path(
+            hf_hub_download(repo, filename, revision=HF_REVISION, cache_dir=str(cache_dir), endpoint=_hf_endpoint())
+        )
     except Exception as err:
         if not _is_network_error(err):
             raise
@@ -241,9 +250,9 @@ def _hf_text_encoder_folder(repo: str = HF_REPO) -> Path:
     from huggingface_hub import snapshot_download
 
     cache_dir = str(_hf_cache_dir())
-    what = "the T5 text encoder (text_encoder/, tokenizer/)"
+    kwargs = dict(allow_patterns=TEXT_ENCODER_PATTERNS, revision=HF_REVISION, cache_dir=cache_dir)
+    what, key = "the T5 text encoder (text_encoder/, tokenizer/)", "model.text_encoder"
     try:
-        kwargs = dict(allow_patterns=TEXT_ENCODER_PATTERNS, revision=HF_REVISION, cache_dir=cache_dir)
         folder = Path(snapshot_download(repo, local_files_only=True, **kwargs))
         if (folder / "text_encoder" / "config.json").is_file() and (folder / "tokenizer").is_dir():
             return folder
@@ -251,16 +260,14 @@ def _hf_text_encoder_folder(repo: str = HF_REPO) -> Path:
         if not _is_network_error(err):
             raise
     if _hf_offline():
-        raise _hub_error(repo, what, "HF_HUB_OFFLINE is set and it is not in the cache")
-    _probe_hub(repo, "text_encoder/config.json", what)
+        raise _hub_error(repo, what, "HF_HUB_OFFLINE is set and it is not in the HF cache", key)
+    _probe_hub(repo, "text_encoder/config.json", what, key)
     try:
-        return Path(
-            snapshot_download(repo, allow_patterns=TEXT_ENCODER_PATTERNS, revision=HF_REVISION, cache_dir=cache_dir)
-        )
+        return Path(snapshot_download(repo, endpoint=_hf_endpoint(), **kwargs))
     except Exception as err:
         if not _is_network_error(err):
             raise
-        raise _hub_error(repo, what, f"{type(err).__name__}: {err}".splitlines()[0]) from None
+        raise _hub_error(repo, what, f"{type(err).__name__}: {err}".splitlines()[0], key) from None
 
 
 def _single_file_path(src: ModelSource) -> Path:
@@ -277,6 +284,7 @@ def _single_file_path(src: ModelSource) -> Path:
 class _Header:
     path: Path
     shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]  # safetensors dtype names: F32, BF16, F8_E4M3, ...
     metadata: dict[str, str]
 
     def config_section(self, name: str) -> dict:
@@ -293,18 +301,48 @@ def _read_header(path: Path, key: str = "model.model_source") -> _Header:
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: tuple(sl.get_shape()) for k, sl in slices.items()}
+            dtypes = {k: str(sl.get_dtype()) for k, sl in slices.items()}
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise UserError(f"{key}: {path} is not a readable .safetensors file ({err})") from None
-    return _Header(path=path, shapes=shapes, metadata=metadata)
+    return _Header(path=path, shapes=shapes, dtypes=dtypes, metadata=metadata)
 
 
-def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+# Per-tensor scales of "scaled fp8" files (ComfyUI: <module>.scale_weight, diffusers/torchao: <module>.weight_scale);
+# input scales are activation hints for fp8 matmuls and mean nothing once the weight is dequantised.
+_WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_DROPPED_SUFFIXES = (".scale_input", ".input_scale")
+
+
+def _scale_key(header: _Header, weight_key: str) -> str | None:
+    if not weight_key.endswith(".weight"):
+        return None
+    module = weight_key.removesuffix(".weight")
+    return next((module + s for s in _WEIGHT_SCALE_SUFFIXES if module + s in header.shapes), None)
+
+
+def _is_aux_key(key: str) -> bool:
+    return key.endswith(_WEIGHT_SCALE_SUFFIXES + _DROPPED_SUFFIXES)
+
+
+def _read_tensors(header: _Header, names: list[str], dtype, device) -> dict[str, torch.Tensor]:
+    """Read only `names`, straight onto `device`, each cast to `dtype` as it is read (so the file's and the
+    model's copies of a 13B never sit in memory together). fp8 weights with a scale are dequantised first."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in names}
+    out = {}
+    with safe_open(str(header.path), framework="pt", device=str(device)) as f:
+        for k in names:
+            t = f.get_tensor(k)
+            if (sk := _scale_key(header, k)) is not None:
+                scale = f.get_tensor(sk).float()
+                if scale.numel() > 1 and t.ndim > 1:  # per output channel
+                    scale = scale.reshape(-1, *([1] * (t.ndim - 1)))
+                t = t.float() * scale
+            out[k] = t.to(dtype) if t.is_floating_point() else t
+    return out
 
 
 def _lora_like(keys) -> bool:
@@ -331,7 +369,7 @@ _TRANSFORMER_PREFIXES = (ORIGINAL_TRANSFORMER_PREFIX, "diffusion_model.", "trans
 
 def _transformer_names(header: _Header) -> dict[str, str]:
     """diffusers name -> name in the file, for the transformer part of a single file (any known naming)."""
-    keys = [k for k in header.shapes if not k.startswith("vae.")]
+    keys = [k for k in header.shapes if not k.startswith("vae.") and not _is_aux_key(k)]
     for prefix in _TRANSFORMER_PREFIXES:
         picked = [k for k in keys if k.startswith(prefix)]
         if any(".transformer_blocks." in "." + k[len(prefix) :] for k in picked):
@@ -452,7 +490,7 @@ def _load_single_file_transformer(path: Path, config_dir: Path | None, dtype, de
             f"architecture (13B 0.9.7: 48 blocks of 4096; 2B: 28 blocks of 2048; closest {cfg}); "
             "use a diffusers folder with its own transformer/config.json for other sizes"
         )
-    tensors = _read_tensors(path, list(names.values()))
+    tensors = _read_tensors(header, list(names.values()), dtype, device)
     state = {d: tensors[k] for d, k in names.items()}
     return _from_converted(LTXVideoTransformer3DModel, "transformer", cfg, state, dtype, device)
 
@@ -463,11 +501,15 @@ def _load_single_file_transformer(path: Path, config_dir: Path | None, dtype, de
 def _vae_original_keys(header: _Header, key: str) -> dict[str, str]:
     """'vae.'-prefixed original name -> name in the file (a standalone VAE file may lack the prefix)."""
     if any(k.startswith("vae.") for k in header.shapes):
-        return {k: k for k in header.shapes if k.startswith("vae.")}
+        return {k: k for k in header.shapes if k.startswith("vae.") and not _is_aux_key(k)}
     if "encoder.conv_in.conv.weight" in header.shapes and "decoder.conv_out.conv.weight" in header.shapes:
-        return {f"vae.{k}": k for k in header.shapes if k.split(".")[0] in ("encoder", "decoder")} | {
-            f"vae.{k}": k for k in header.shapes if k.startswith("per_channel_statistics.")
-        }
+        parts = ("encoder", "decoder", "per_channel_statistics")
+        return {f"vae.{k}": k for k in header.shapes if k.split(".")[0] in parts and not _is_aux_key(k)}
+    if _transformer_names(header):
+        raise UserError(
+            f"{key}: {header.path} holds only a transformer, no VAE; set model.vae to an LTXV VAE (.safetensors file "
+            "or diffusers VAE folder), e.g. the single file of the base version it was trained from"
+        )
     raise _not_ltxv_error(key, header.path, "VAE", header.shapes)
 
 
@@ -500,7 +542,7 @@ def _load_single_file_vae(path: Path, config_dir: Path | None, dtype, device, ke
             f"{key}: the VAE in {path} matches no known LTXV VAE (0.9.0, 0.9.1, 0.9.5+; closest {cfg}); "
             "set model.vae to a diffusers VAE folder for other VAEs"
         )
-    tensors = _read_tensors(path, list(names.values()))
+    tensors = _read_tensors(header, list(names.values()), dtype, device)
     state = _convert_vae_state({o: tensors[k] for o, k in names.items()})
     return _from_converted(AutoencoderKLLTXVideo, "vae", cfg, state, dtype, device)
 
