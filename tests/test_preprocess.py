@@ -204,6 +204,10 @@ def change_model(folder: Path, mp):
     return make_cfg(folder)
 
 
+def vae_tiling(folder: Path, mp):
+    return make_cfg(folder, preprocessing={"vae_tiling": True})
+
+
 def touch_only(folder: Path, mp):
     os.utime(folder / "a.mp4")  # new mtime, same bytes: re-hashed, nothing encoded
     return make_cfg(folder)
@@ -218,6 +222,7 @@ def touch_only(folder: Path, mp):
         (change_buckets, {"a.mp4", "b.mov", "c.mkv"}, set(), {"a.mp4", "b.mov", "c.mkv"}),
         (change_id_token, set(), {"a.mp4", "b.mov", "c.mkv"}, {"a.mp4", "b.mov", "c.mkv"}),
         (change_model, {"a.mp4", "b.mov", "c.mkv"}, {"a.mp4", "b.mov", "c.mkv"}, {"a.mp4", "b.mov", "c.mkv"}),
+        (vae_tiling, {"a.mp4", "b.mov", "c.mkv"}, set(), {"a.mp4", "b.mov", "c.mkv"}),
         (touch_only, set(), set(), {"a.mp4", "b.mov", "c.mkv"}),
     ],
     ids=lambda v: getattr(v, "__name__", None),

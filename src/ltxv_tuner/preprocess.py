@@ -317,9 +317,8 @@ def _needed(paths: dict[str, Path], ok: Callable[[str, Path], bool], report: _Re
 # Encoding
 
 
-def _free(*objs) -> None:
-    for o in objs:
-        del o
+def _release_memory() -> None:
+    """After the caller dropped its model references: collect them now and hand GPU memory back."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -354,7 +353,8 @@ def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, d
                 )
                 report.conditions_encoded += 1
             bar.update(len(batch))
-    _free(tokenizer, encoder)
+    del tokenizer, encoder
+    _release_memory()
 
 
 def _normalize(latents: torch.Tensor, vae) -> torch.Tensor:
@@ -445,7 +445,8 @@ def _encode_latents(
             bar.update(1)
         if batch:
             flush(batch)
-    _free(vae)
+    vae = None  # the flush closure holds the name; dropping the reference is what frees it
+    _release_memory()
     return fps_by_key
 
 
@@ -467,7 +468,8 @@ def _decode_previews(cfg, root: Path, clips: list[CachedClip], device: str, dtyp
         write_video(tmp, frames, clip.fps)
         tmp.replace(out)
         report.decoded += 1
-    _free(vae)
+    del vae
+    _release_memory()
 
 
 # --------------------------------------------------------------------------------------------------
