@@ -348,7 +348,7 @@ def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, d
                     )
                 save_tensors_atomic(
                     condition_path(root, key),
-                    {"prompt_embeds": embeds[j], "prompt_attention_mask": tok.attention_mask[j].to(torch.int64)},
+                    {"prompt_embeds": embeds[j].float(), "prompt_attention_mask": tok.attention_mask[j].long()},
                     metadata={"caption": texts[j][:2000], "format_version": str(CACHE_FORMAT_VERSION)},
                 )
                 report.conditions_encoded += 1
@@ -423,7 +423,7 @@ def _encode_latents(
         for (item, _, fps), lat in zip(batch, latents, strict=True):
             save_tensors_atomic(
                 latent_path(root, item.latent_key),
-                {"latents": lat},
+                {"latents": lat.float()},  # float32 on disk whatever the compute dtype: one contract for readers
                 metadata={"fps": repr(fps), "video": item.src.rel, "format_version": str(CACHE_FORMAT_VERSION)},
             )
             fps_by_key[item.latent_key] = fps
