@@ -99,3 +99,15 @@ def test_broken_files_raise_one_line_reason(tmp_path: Path, maker, match):
     with pytest.raises(VideoError, match=match) as exc:
         probe_video(path)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv444p", "yuv420p10le"])
+def test_high_bit_depth_and_444_clips_decode_like_the_source(tmp_path: Path, pix_fmt: str):
+    """Camera/web clips come as 10-bit or 4:4:4 too: they decode to 8-bit RGB close to the source pixels."""
+    src = vg.smooth_frames(128, 96, 17, seed=3)
+    path = vg.write_clip(tmp_path / f"clip_{pix_fmt}.mp4", src, pix_fmt=pix_fmt)
+    frames, fps = read_clip(path, 128, 96, 17)
+    assert tuple(frames.shape) == (17, 96, 128, 3) and str(frames.dtype) == "torch.uint8"
+    err = np.abs(frames.numpy().astype(np.float32) - src.astype(np.float32)).mean() / 255
+    assert err < 0.02, f"{pix_fmt}: mean error {err:.4f}"
+    assert fps == pytest.approx(24, rel=0.01)

@@ -39,8 +39,9 @@ def write_clip(
     rotation: int = 0,
     times: list[float] | None = None,
     codec: str | None = None,
+    pix_fmt: str = "yuv420p",
 ) -> Path:
-    """Encode uint8 [F, H, W, 3] frames; container from the suffix.
+    """Encode uint8 [F, H, W, 3] frames; container from the suffix (pix_fmt e.g. yuv444p, yuv420p10le).
 
     rotation: counter-clockwise display rotation stored in the stream's display matrix (the pixels are stored as
     given; a player shows them rotated). times: per-frame presentation times in seconds (variable frame rate).
@@ -52,7 +53,7 @@ def write_clip(
     h, w = frames.shape[1:3]
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         if codec == "libx264":
             stream.options = {"crf": "18", "preset": "fast"}
         if rotation:
