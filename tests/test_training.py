@@ -239,3 +239,44 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(tmp_path, manifest):
     cfg = make_config(tmp_path, training={"steps": 1, "optimizer_type": "adamw8bit"})
     with pytest.raises(UserError, match="bitsandbytes"):
         training.train(cfg, tmp_path / "run", manifest)
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"])
+def test_every_scheduler_warms_up_then_follows_its_shape(tmp_path, manifest, scheduler):
+    cfg = make_config(
+        tmp_path,
+        training={"steps": 6, "warmup_steps": 2, "scheduler_type": scheduler, "max_grad_norm": 0.01,
+                  "weight_decay": 0.5},
+        checkpoints={"interval": None},
+    )  # fmt: skip
+    training.train(cfg, tmp_path / "run", manifest)
+    rows = [json.loads(line) for line in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows]  # lr after each step's scheduler update
+    assert lrs[0] == pytest.approx(0.5e-3)  # half-way through warmup
+    assert lrs[1] == pytest.approx(1e-3)  # warmup done
+    if scheduler == "constant":
+        assert lrs[2:] == pytest.approx([1e-3] * 4)
+    else:
+        assert all(b <= a for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] < 1e-3 * 0.5
+
+
+def test_tiny_lora_overfits_one_clip(tmp_path):
+    """A few hundred LoRA steps on one clip: the loss falls at least 5x, so gradients reach the adapter with the
+    right sign and the optimizer applies them. The clip's latent is one colour per channel with a large mean, so
+    most of the initial loss is the clip itself (what the adapter can memorise) rather than the unpredictable
+    noise at low noise levels."""
+    manifest = make_cache(tmp_path / "data", clips_per_bucket=1)
+    clip = json.loads(manifest.read_text())["clips"][0]
+    root = cache.cache_root(tmp_path / "data")
+    colour = torch.randn(128, 1, 1, 1, generator=torch.Generator().manual_seed(3)) * 4
+    cache.save_tensors_atomic(cache.latent_path(root, clip["latent_key"]), {"latents": colour.expand(128, 2, 2, 2)})
+    cfg = make_config(
+        tmp_path,
+        training={"steps": 300, "learning_rate": 1e-2},
+        lora={"rank": 8, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_out"]},
+        checkpoints={"interval": None},
+    )
+    training.train(cfg, tmp_path / "run", manifest)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
+    first, last = sum(losses[:10]) / 10, sum(losses[-30:]) / 30
+    assert first / last >= 5, (first, last)
