@@ -6,10 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-from safetensors import safe_open
-
 from conftest import REPO, run_cli
+from safetensors import safe_open
 
 
 def _weights(run_dir: Path) -> list[Path]:

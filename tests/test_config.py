@@ -107,7 +107,10 @@ def test_bad_buckets(bucket, needle):
 
 
 def test_validation_dims_checked_at_config_time():
-    assert any("validation.video_dims" in p and "frames must be 8n+1" in p for p in _problems(_base(validation={"video_dims": [256, 256, 24]})))
+    assert any(
+        "validation.video_dims" in p and "frames must be 8n+1" in p
+        for p in _problems(_base(validation={"video_dims": [256, 256, 24]}))
+    )
 
 
 def test_validation_on_without_prompts_is_rejected():

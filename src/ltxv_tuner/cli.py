@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: checkpoints and cache written so far are kept (resume with --resume latest)",
-              file=sys.stderr)
+        print(
+            "\ninterrupted: checkpoints and cache written so far are kept (resume with --resume latest)",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:  # the one place an unexpected error is turned into a short message
         if debug:

@@ -154,14 +154,19 @@ class TrainingConfig(_Section):
 class CheckpointsConfig(_Section):
     interval: int | None = Field(250, ge=1, description="Save every N steps (null = only at the end).")
     keep_last_n: int = Field(-1, ge=-1, description="Checkpoints kept (-1 = all). The final one is always kept.")
-    auto_convert_to_comfy: bool = Field(True, description="Write a ComfyUI twin <name>_comfy.safetensors after training.")
+    auto_convert_to_comfy: bool = Field(
+        True, description="Write a ComfyUI twin <name>_comfy.safetensors after training."
+    )
     save_dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Dtype of exported weight files.")
 
 
 class ValidationConfig(_Section):
     interval: int | None = Field(None, ge=1, description="Generate validation videos every N steps (null = off).")
     prompts: list[str] = Field(default_factory=list, description="Prompts to render (id_token is prepended).")
-    negative_prompt: str = Field("worst quality, inconsistent motion, blurry, jittery, distorted", description="Negative prompt for validation videos.")
+    negative_prompt: str = Field(
+        "worst quality, inconsistent motion, blurry, jittery, distorted",
+        description="Negative prompt for validation videos.",
+    )
     images: list[str] | None = Field(None, description="First-frame images, one per prompt (image-to-video).")
     video_dims: list[int] = Field(
         default_factory=lambda: [256, 256, 25], description="[width, height, frames] of validation videos."
@@ -241,7 +246,11 @@ def _format_error(err: dict) -> str:
         key = str(loc[-1])
         known = _known_keys(Config, loc[:-1])
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?" if close else f"known keys: {', '.join(known)}"
+        hint = (
+            f"did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?"
+            if close
+            else f"known keys: {', '.join(known)}"
+        )
         return f"{path}: unknown key ({hint})"
     if etype == "missing":
         return f"{path}: required key is missing"
@@ -307,7 +316,9 @@ def validate_config(raw: dict, source: str = "config") -> Config:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"{path}: config file not found (pass the path to a YAML file, e.g. configs/quickstart.yaml)"])
+        raise ConfigError(
+            [f"{path}: config file not found (pass the path to a YAML file, e.g. configs/quickstart.yaml)"]
+        )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as e:

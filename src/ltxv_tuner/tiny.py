@@ -49,7 +49,13 @@ def build_tiny_text_encoder():
 
     torch.manual_seed(TINY_SEED + 1)
     cfg = T5Config(
-        vocab_size=128, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"
+        vocab_size=128,
+        d_model=TINY_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
     )
     return T5EncoderModel(cfg).eval()
 
@@ -73,6 +79,9 @@ def build_tiny_vae():
         timestep_conditioning=True,
         patch_size=4,
         latent_channels=128,
+        # diffusers derives 64x/16x from these block settings; the real (and this) VAE compresses 32x/8x.
+        spatial_compression_ratio=32,
+        temporal_compression_ratio=8,
     ).eval()
 
 
