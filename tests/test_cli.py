@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -113,3 +114,30 @@ def test_train_sh_without_arguments_prints_usage():
     r = subprocess.run(["bash", str(REPO / "train.sh")], capture_output=True, text=True)
     assert r.returncode == 2
     assert "usage: ./train.sh CONFIG.yaml" in r.stdout
+
+
+def test_resume_latest_continues_the_same_run(quickstart_config: Path, tmp_path: Path):
+    out = tmp_path / "outputs"
+    r = run_cli(str(quickstart_config), "training.steps=4", "checkpoints.interval=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = _runs(out)
+    config_before = (run / "config.yaml").read_text()
+
+    # A resume that changes what the checkpoint means is refused, and the run folder is left as it was.
+    r = run_cli(
+        str(quickstart_config), "training.steps=6", "checkpoints.interval=2", "lora.rank=4", "--resume", "latest"
+    )
+    assert r.returncode == 2
+    assert "lora.rank: 8 -> 4" in r.stderr and "Traceback" not in r.stderr
+    assert (run / "config.yaml").read_text() == config_before
+
+    r = run_cli(str(quickstart_config), "training.steps=6", "checkpoints.interval=2", "--resume", "latest")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _runs(out) == [run]  # same run folder, no new one
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert steps == ["step_000002", "step_000004", "step_000006"]
+    logged = [json.loads(line)["step"] for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["steps"] == 6
+    for w in _weights(run):
+        assert w.with_name(w.stem + "_comfy.safetensors").is_file()

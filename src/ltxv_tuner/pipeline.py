@@ -170,9 +170,14 @@ def run(
 
     # Resolve where the run lives (a new timestamped folder, or the one being resumed).
     if resume:
+        from . import checkpoints as ckpts
+
         target = resolve_resume(resume, output_dir)
+        # Refuse an incompatible resume before anything in the run folder is touched.
+        ckpt = ckpts.resolve_resume_checkpoint(target)
+        ckpts.check_resume_compatible(ckpt, cfg.model_dump(mode="json"))
         attach_run_log(target)
-        log.info(f"resuming run {target}")
+        log.info(f"resuming run {target} from {ckpt.name}")
     else:
         target = new_run_dir(output_dir)
         for sub in ("checkpoints", "validation", "logs"):
