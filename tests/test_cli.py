@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import yaml
 from conftest import REPO, run_cli
 from safetensors import safe_open
 
@@ -131,7 +132,7 @@ def test_resume_latest_continues_the_same_run(quickstart_config: Path, tmp_path:
     assert "lora.rank: 8 -> 4" in r.stderr and "Traceback" not in r.stderr
     assert (run / "config.yaml").read_text() == config_before
 
-    r = run_cli(str(quickstart_config), "training.steps=6", "checkpoints.interval=2", "--resume", "latest")
+    r = run_cli(str(quickstart_config), *more, "--resume", "latest")
     assert r.returncode == 0, r.stdout + r.stderr
     assert _runs(out) == [run]  # same run folder, no new one
     steps = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
