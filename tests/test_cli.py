@@ -125,9 +125,8 @@ def test_resume_latest_continues_the_same_run(quickstart_config: Path, tmp_path:
     config_before = (run / "config.yaml").read_text()
 
     # A resume that changes what the checkpoint means is refused, and the run folder is left as it was.
-    r = run_cli(
-        str(quickstart_config), "training.steps=6", "checkpoints.interval=2", "lora.rank=4", "--resume", "latest"
-    )
+    more = ("training.steps=6", "checkpoints.interval=2")
+    r = run_cli(str(quickstart_config), *more, "lora.rank=4", "--resume", "latest")
     assert r.returncode == 2
     assert "lora.rank: 8 -> 4" in r.stderr and "Traceback" not in r.stderr
     assert (run / "config.yaml").read_text() == config_before
