@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from test_training import make_cache, make_config, trainable_from_checkpoint
 
@@ -49,3 +50,18 @@ def test_two_process_cpu_run_end_to_end_then_resume(tmp_path):
     assert resumed.final_step == 6
     rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_accelerate_config_with_fsdp_is_refused_clearly(tmp_path):
+    from ltxv_tuner.config import validate_config
+    from ltxv_tuner.errors import UserError
+    from ltxv_tuner.training import launch_command
+
+    acc = tmp_path / "fsdp.yaml"
+    acc.write_text("distributed_type: FSDP\nnum_processes: 2\n")
+    cfg = validate_config({"dataset": {"data_folder": "x"}, "training": {"accelerate_config": str(acc)}})
+    with pytest.raises(UserError, match="distributed_type FSDP, which is not supported yet"):
+        launch_command(cfg, tmp_path, tmp_path / "m.json", None)
+    acc.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 0\nnum_processes: 16\n")
+    cmd = launch_command(cfg, tmp_path, tmp_path / "m.json", None)
+    assert cmd[cmd.index("--config_file") + 1] == str(acc)

@@ -198,7 +198,8 @@ class CachedDataset:
             groups.setdefault(tuple(clip.bucket), []).append(i)
         return [groups[k] for k in sorted(groups)]
 
-    def load_batch(self, indices: list[int], device: torch.device) -> dict:
+    def load_batch(self, indices: list[int], device: torch.device | str) -> dict:
+        device = torch.device(device)
         lat, emb, mask, fps = [], [], [], []
         for i in indices:
             clip = self.clips[i]
@@ -207,12 +208,15 @@ class CachedDataset:
             emb.append(cond["prompt_embeds"])
             mask.append(cond["prompt_attention_mask"])
             fps.append(float(clip.fps))
-        return {
-            "latents": torch.stack(lat).to(device),
-            "prompt_embeds": torch.stack(emb).to(device),
-            "prompt_attention_mask": torch.stack(mask).to(device),
-            "fps": torch.tensor(fps, device=device),
+        batch = {
+            "latents": torch.stack(lat),
+            "prompt_embeds": torch.stack(emb),
+            "prompt_attention_mask": torch.stack(mask),
+            "fps": torch.tensor(fps),
         }
+        if device.type == "cuda":  # page-locked host copies let the transfer run without blocking the host
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(device) for k, v in batch.items()}
 
 
 def epoch_batches(groups: list[list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -252,12 +256,46 @@ def _lora_base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def prepare_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The transformer ready to train: LoRA adapter added (only adapter weights train) or all weights trainable."""
+def check_acceleration(cfg: Config) -> None:
+    """Refuse acceleration options that are not implemented yet, before any work (never silently ignored)."""
+    a = cfg.acceleration
+    if a.quantize_base != "none":
+        raise UserError(
+            f"acceleration.quantize_base: {a.quantize_base} is not available yet (quantized frozen base weights "
+            "are not implemented); use none (and training.enable_gradient_checkpointing, adamw8bit for less memory)"
+        )
+    if a.block_swap:
+        raise UserError(
+            f"acceleration.block_swap: {a.block_swap} is not available yet (swapping blocks between CPU and GPU is "
+            "not implemented); use 0"
+        )
+
+
+def enable_tf32(device: torch.device) -> None:
+    """Let fp32 matmuls (ops outside autocast, or mixed_precision_mode: no) use TF32 tensor cores on CUDA.
+    set_float32_matmul_precision sets torch's new fp32_precision API and keeps the legacy allow_tf32 getters
+    readable (mixing the two setters makes torch raise on read)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def prepare_transformer(
+    cfg: Config, device: torch.device | str = "cpu", transformer: torch.nn.Module | None = None
+) -> torch.nn.Module:
+    """The transformer ready to train: LoRA adapter added (only adapter weights train) or all weights trainable.
+
+    `transformer`: an already built model (benchmarks build one from a shipped config with random weights);
+    it is moved to the device and dtype training would have loaded it in. Default: load cfg.model."""
     from . import models
 
     device = torch.device(device)
-    transformer = models.load_transformer(cfg.model, dtype=_lora_base_dtype(cfg, device), device=device)
+    check_acceleration(cfg)
+    enable_tf32(device)
+    if transformer is None:
+        transformer = models.load_transformer(cfg.model, dtype=_lora_base_dtype(cfg, device), device=device)
+    else:
+        transformer = transformer.to(device=device, dtype=_lora_base_dtype(cfg, device))
     transformer.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # LoRA A init (and anything else random at setup) follows the run's seed
     if cfg.model.training_mode == "lora":
@@ -285,6 +323,11 @@ def prepare_transformer(cfg: Config, device: torch.device | str = "cpu") -> torc
         transformer.requires_grad_(True)
     if cfg.training.enable_gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if cfg.acceleration.compile:
+        # Per block, in place (nn.Module.compile): parameter names stay as they are (no _orig_mod.), so
+        # checkpoints, LoRA export and resume are unchanged; all blocks share one compiled graph.
+        for block in transformer.transformer_blocks:
+            block.compile()
     transformer.train()
     return transformer
 
@@ -615,6 +658,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _check_accelerate_config(path: Path) -> None:
+    """Multi-GPU / multi-node data parallel is what the checkpoint hooks support; say so for anything else."""
+    import yaml
+
+    try:
+        acc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"training.accelerate_config: {path} is not valid YAML ({e.__class__.__name__})") from None
+    kind = str(acc.get("distributed_type", "")).upper() if isinstance(acc, dict) else ""
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA", "TPU"):
+        raise UserError(
+            f"training.accelerate_config: {path} asks for distributed_type {kind}, which is not supported yet "
+            "(checkpoints and resume assume data parallel); use distributed_type: MULTI_GPU (also across machines)"
+        )
+
+
 def launch_command(cfg: Config, run_dir: Path, manifest_path: Path, resume_from: Path | None) -> list[str]:
     """The `accelerate launch` command line for a multi-process run of this module."""
     t = cfg.training
@@ -622,6 +681,7 @@ def launch_command(cfg: Config, run_dir: Path, manifest_path: Path, resume_from:
     if t.accelerate_config:
         if not Path(t.accelerate_config).is_file():
             raise UserError(f"training.accelerate_config: {t.accelerate_config} not found (give an accelerate YAML)")
+        _check_accelerate_config(Path(t.accelerate_config))
         cmd += ["--config_file", t.accelerate_config]
         if t.num_processes:
             cmd += ["--num_processes", str(t.num_processes)]
@@ -672,6 +732,7 @@ def train(cfg: Config, run_dir: Path, manifest_path: Path, resume_from: Path | N
 
     resume_from: a run folder (or one of its checkpoints/step_* folders); training continues from its newest
     complete checkpoint with the same step count, data order and optimizer state."""
+    check_acceleration(cfg)
     if wants_distributed(cfg):
         return _train_distributed(cfg, run_dir, manifest_path, resume_from)
     return _train_in_process(cfg, run_dir, manifest_path, resume_from)
