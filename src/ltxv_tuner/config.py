@@ -189,10 +189,11 @@ class ValidationConfig(_Section):
 class AccelerationConfig(_Section):
     compile: bool = Field(False, description="torch.compile the transformer blocks (GPU; first steps are slow).")
     quantize_base: Literal["none", "int8", "fp8"] = Field(
-        "none", description="Quantize the frozen base weights (LoRA only; needs a GPU and torchao/quanto)."
+        "none", description="Quantize the frozen base weights (LoRA only). Not implemented yet: only none runs."
     )
-    block_swap: int = Field(0, ge=0, description="Transformer blocks kept on the CPU and swapped in (0 = off).")
-    offload_encoders: bool = Field(True, description="Keep the VAE and text encoder off the GPU while training.")
+    block_swap: int = Field(
+        0, ge=0, description="Transformer blocks kept on the CPU and swapped in. Not implemented yet: only 0 runs."
+    )
 
 
 class Config(_Section):

@@ -158,6 +158,9 @@ def run(
         raise UserError("--resume goes with training; drop it or drop --only preprocess")
 
     started = time.time()
+    from .training import check_acceleration
+
+    check_acceleration(cfg)  # before preprocessing: an option that cannot run should not cost an encode first
     _preflight(cfg)
     if only == "train":
         from .preprocess import find_manifest

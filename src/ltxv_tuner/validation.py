@@ -1,7 +1,7 @@
 """Validation videos during training: the weights being trained, rendered with diffusers' LTX pipelines.
 
 Runs on the main process only. The VAE, text encoder and scheduler are loaded once per process and kept
-(on the CPU between validations when acceleration.offload_encoders is on). Writes
+(on the CPU between validations). Writes
 <run_dir>/validation/step_NNNNNN/<index>_<prompt words>.mp4 with PyAV.
 """
 
@@ -155,8 +155,8 @@ def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, ste
                     written.append(write_mp4(np.asarray(video[0], dtype=np.float32), out_dir / name))
     finally:
         transformer.train(was_training)
-        if cfg.acceleration.offload_encoders:
-            vae.to("cpu")
-            text_encoder.to("cpu")
+        # Training never needs the VAE or T5: they leave the GPU as soon as the videos are made.
+        vae.to("cpu")
+        text_encoder.to("cpu")
     log.info("validation step %d: %d video(s) in %s", step, len(written), out_dir)
     return written
