@@ -433,3 +433,23 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path: Path):
         assert json.loads(got.pop(k))["clips"] == json.loads(want.pop(k))["clips"]
     got.pop("sources.json"), want.pop("sources.json")
     assert got == want  # every latent and condition: same tensors to the bit, same metadata; no temp files
+
+
+def test_only_old_temp_files_are_cleaned(tmp_path: Path):
+    """A killed run's temp files go; a young one may be another run's write in progress and stays."""
+    import os
+    import time
+
+    from ltxv_tuner.cache import latents_dir, remove_stale_temp_files
+
+    root = tmp_path / ".precomputed"
+    latents_dir(root).mkdir(parents=True)
+    old = latents_dir(root) / ".abc.safetensors.x1.tmp"
+    young = latents_dir(root) / ".def.safetensors.x2.tmp"
+    final = latents_dir(root) / "abc.safetensors"
+    for p in (old, young, final):
+        p.write_bytes(b"x")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert remove_stale_temp_files(root) == 1
+    assert not old.exists() and young.exists() and final.exists()

@@ -121,13 +121,27 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
     return read_header(path)[0]
 
 
-def remove_stale_temp_files(root: Path) -> int:
-    """Delete temp files a killed run left behind (they never carry a final name). Returns how many."""
+STALE_TEMP_AGE_S = 15 * 60
+
+
+def remove_stale_temp_files(root: Path, min_age_s: float = STALE_TEMP_AGE_S) -> int:
+    """Delete temp files a killed run left behind (they never carry a final name). Returns how many.
+
+    Only files untouched for `min_age_s` go: each temp file lives for seconds, so a younger one may belong to
+    another run encoding into the same folder right now."""
+    import time
+
+    now = time.time()
     n = 0
     for sub in (latents_dir(root), conditions_dir(root), manifests_dir(root), decoded_dir(root), root):
         if sub.is_dir():
             for pattern in (".*.tmp", ".*.part.mp4"):
                 for tmp in sub.glob(pattern):
+                    try:
+                        if now - tmp.stat().st_mtime < min_age_s:
+                            continue
+                    except FileNotFoundError:  # finished (renamed) meanwhile by that other run
+                        continue
                     tmp.unlink(missing_ok=True)
                     n += 1
     return n
