@@ -280,3 +280,73 @@ def test_tiny_lora_overfits_one_clip(tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
     first, last = sum(losses[:10]) / 10, sum(losses[-30:]) / 30
     assert first / last >= 5, (first, last)
+
+
+# --------------------------------------------------------------------------------------------------
+# Acceleration options and the fast path
+
+
+def test_prepare_transformer_takes_an_already_built_transformer(tmp_path):
+    from ltxv_tuner import tiny
+
+    built = tiny.build_tiny_transformer()
+    before = built.proj_in.weight.detach().clone()
+    cfg = make_config(tmp_path, model={"training_mode": "lora"})
+    tr = training.prepare_transformer(cfg, "cpu", transformer=built)
+    assert tr is built  # not loaded again: the benchmark's random 13B stays the one object on the GPU
+    assert torch.equal(tr.proj_in.weight, before)
+    trainable = [n for n, p in tr.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize(
+    "acceleration, message",
+    [
+        ({"quantize_base": "int8"}, "acceleration.quantize_base: int8 is not available yet"),
+        ({"quantize_base": "fp8"}, "acceleration.quantize_base: fp8 is not available yet"),
+        ({"block_swap": 4}, "acceleration.block_swap: 4 is not available yet"),
+    ],
+)
+def test_unimplemented_acceleration_options_stop_training_before_any_work(tmp_path, manifest, acceleration, message):
+    cfg = make_config(tmp_path, acceleration=acceleration)
+    with pytest.raises(UserError, match=message) as e:
+        training.train(cfg, tmp_path / "run", manifest)
+    assert "use none" in str(e.value) or "use 0" in str(e.value)
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_offload_encoders_is_gone_from_the_schema(tmp_path):
+    from ltxv_tuner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="acceleration.offload_encoders: unknown key"):
+        make_config(tmp_path, acceleration={"offload_encoders": True})
+
+
+def test_enable_tf32_only_for_cuda():
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        training.enable_tf32(torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"
+        training.enable_tf32(torch.device("cuda"))  # sets flags only; needs no GPU
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # legacy getters readable
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_compile_compiles_each_block_and_matches_eager(tmp_path, manifest):
+    # ~30 s on 2 CPU cores (inductor compiles forward and backward once; all blocks share the graph).
+    grads = {}
+    for compile_ in (False, True):
+        cfg = make_config(
+            tmp_path, acceleration={"compile": compile_}, training={"enable_gradient_checkpointing": True}
+        )
+        tr = training.prepare_transformer(cfg)
+        assert all((b._compiled_call_impl is not None) == compile_ for b in tr.transformer_blocks)
+        batch = training.CachedDataset(manifest, cfg).load_batch([0, 1], torch.device("cpu"))
+        training.training_step(tr, batch, torch.Generator().manual_seed(0), cfg).backward()
+        grads[compile_] = {n: p.grad for n, p in tr.named_parameters() if p.requires_grad}  # names: no _orig_mod.
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-6)

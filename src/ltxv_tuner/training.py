@@ -214,9 +214,15 @@ class CachedDataset:
             "prompt_attention_mask": torch.stack(mask),
             "fps": torch.tensor(fps),
         }
-        if device.type == "cuda":  # page-locked host copies let the transfer run without blocking the host
-            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-        return {k: v.to(device) for k, v in batch.items()}
+        return batch_to_device(batch, device)
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host tensors to the training device. On CUDA through page-locked copies, so the transfer is queued
+    without blocking the host (the caching host allocator keeps each buffer until its copy has run)."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def epoch_batches(groups: list[list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -295,7 +301,10 @@ def prepare_transformer(
     if transformer is None:
         transformer = models.load_transformer(cfg.model, dtype=_lora_base_dtype(cfg, device), device=device)
     else:
-        transformer = transformer.to(device=device, dtype=_lora_base_dtype(cfg, device))
+        dtype = _lora_base_dtype(cfg, device)
+        transformer = transformer.to(device)
+        if transformer.dtype != dtype:
+            transformer = transformer.to(dtype)
     transformer.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # LoRA A init (and anything else random at setup) follows the run's seed
     if cfg.model.training_mode == "lora":
