@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py --model LTXV_13B_097_DEV --device cuda [--dims 768x768x97,512x512x49]
         [--modes lora,full] [--checkpointing on,off] [--compile off] [--steps 10] [--warmup 3] [--rank 128]
-        [--preset default|low_vram] [--peak-tflops 989] [--json rows.json]
+        [--preset default|low_vram] [--peak-tflops 989] [--json rows.json] [--sync-debug]
     python benchmarks/train_step.py --model tiny --device cpu --dims 128x96x17 --steps 2 --warmup 1   # CI
 
 The transformer is built from the named version's shipped config with random bf16 weights created directly
@@ -185,7 +185,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_configuration(accelerator, cfg: Config, model: str, host_batch: dict, steps: int, warmup: int) -> dict:
+def time_configuration(
+    accelerator, cfg: Config, model: str, host_batch: dict, steps: int, warmup: int, sync_debug: bool = False
+) -> dict:
     """Build, prepare and train for warmup + steps optimizer steps; returns timing and memory."""
     device = accelerator.device
     transformer = training.prepare_transformer(cfg, device, transformer=build_transformer(model, device))
@@ -209,8 +211,14 @@ def time_configuration(accelerator, cfg: Config, model: str, host_batch: dict, s
     for step in range(warmup):
         one_step(step)
     _sync(device)
+    if sync_debug and device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")  # every host sync inside the timed steps prints a warning
     t0 = time.perf_counter()
-    losses = [one_step(warmup + i) for i in range(steps)]
+    try:
+        losses = [one_step(warmup + i) for i in range(steps)]
+    finally:
+        if sync_debug and device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     _sync(device)
     elapsed = time.perf_counter() - t0
     last_loss = float(losses[-1])  # after the timing: one value to show the steps computed something finite
@@ -246,8 +254,8 @@ def run_row(accelerator, base: Config, args, tcfg, counts, dims, mode, ckpt, com
         torch.cuda.reset_peak_memory_stats(device)
     host_batch = synthetic_batch(tcfg, dims, args.batch)
     try:
-        result = time_configuration(accelerator, cfg, args.model, host_batch, args.steps, args.warmup)
-    except torch.OutOfMemoryError:
+        result = time_configuration(accelerator, cfg, args.model, host_batch, args.steps, args.warmup, args.sync_debug)
+    except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError
         row["status"] = "OOM"
         result = None
     except UserError as e:  # e.g. adamw8bit without bitsandbytes: the row says why, the others still run
@@ -322,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--sync-debug", action="store_true", help="CUDA: warn on every host sync in the timed steps")
     args = p.parse_args(argv)
     try:
         return _run(args)
