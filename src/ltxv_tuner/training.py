@@ -503,9 +503,10 @@ def _fit(accelerator, cfg: Config, run_dir: Path, manifest_path: Path, resume_ck
     if main:
         ckpts.remove_temp_checkpoints(run_dir)
     log.info(
-        "training %s: %d clips, %d trainable params, %d steps, batch %d x %d accumulation x %d processes, %s",
+        "training %s: %d clips, %d trainable params, %d steps, batch %d x %d accumulation x %d processes, "
+        "mixed precision %s, device %s",
         cfg.model.training_mode, len(data), n_trainable, t.steps, t.batch_size,
-        t.gradient_accumulation_steps, world, accelerator.mixed_precision,
+        t.gradient_accumulation_steps, world, accelerator.mixed_precision, accelerator.device,
     )  # fmt: skip
 
     from tqdm.auto import tqdm
