@@ -453,3 +453,15 @@ def test_only_old_temp_files_are_cleaned(tmp_path: Path):
     os.utime(old, (an_hour_ago, an_hour_ago))
     assert remove_stale_temp_files(root) == 1
     assert not old.exists() and young.exists() and final.exists()
+
+
+def test_cache_files_get_the_usual_permissions_not_0600(tmp_path: Path):
+    """Files go through mkstemp (0600); other users sharing the data folder or loading the weights must read them."""
+    from ltxv_tuner.cache import save_tensors_atomic, write_json_atomic
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    save_tensors_atomic(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
+    write_json_atomic(tmp_path / "b.json", {"a": 1})
+    for name in ("a.safetensors", "b.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

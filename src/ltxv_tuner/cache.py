@@ -28,6 +28,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 CACHE_FORMAT_VERSION = 1
+
+# mkstemp creates 0600 files; the final files should get the usual mode (cache shared by other configs and users,
+# weight files read by ComfyUI running as another user). Read once, at import: os.umask is process-wide.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 PRECOMPUTED_DIR = ".precomputed"
 
 
@@ -79,6 +84,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
