@@ -62,7 +62,12 @@ def test_lora_to_comfy_keys_names_scale_and_no_alpha(lora_file, tmp_path):
     assert tensors and all(k.startswith("diffusion_model.") for k in tensors)
     assert not any(k.endswith(".alpha") for k in tensors)
     assert "diffusion_model.patchify_proj.lora_A.weight" in tensors  # ComfyUI's name for proj_in
-    assert not any(".proj_in." in k for k in tensors)
+    # ... and the same weights under diffusers' name, which is all diffusers' loader understands
+    for part in ("lora_A", "lora_B"):
+        assert torch.equal(
+            tensors[f"diffusion_model.patchify_proj.{part}.weight"], tensors[f"diffusion_model.proj_in.{part}.weight"]
+        )
+    assert not any(".ff.net.0.proj." in k and "transformer_blocks" not in k for k in tensors)
     assert "diffusion_model.transformer_blocks.1.attn2.to_out.0.lora_B.weight" in tensors
     assert "diffusion_model.transformer_blocks.0.ff.net.0.proj.lora_A.weight" in tensors
     sd = t.state_dict()
@@ -180,7 +185,6 @@ def test_cli_module_entry_point_runs_a_run_folder(lora_file, tmp_path):
 # scale_shift_table a parameter: peft refuses them). `linear_1`/`linear_2` hit time_embed's timestep embedder and the
 # caption projection, `linear` is time_embed.linear.
 ALL_LINEAR = [*ATTN, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "linear_1", "linear_2", "linear"]
-RENAMED_IN_COMFY = {"proj_in", "linear_1", "linear_2", "linear"}  # live under patchify_proj / adaln_single
 
 
 def forward_inputs():
@@ -236,8 +240,16 @@ def test_every_linear_target_gets_comfy_names(tmp_path):
     tensors, _ = read(convert.convert_file(export.save_lora(tmp_path, t, cfg, 1)))
     linear = {n for n, m in tiny.build_tiny_transformer().named_modules() if isinstance(m, torch.nn.Linear)}
     comfy_names = {convert.keys.diffusers_to_original(n) for n in linear}
+    renamed = {n for n in linear if convert.keys.diffusers_to_original(n) != n}
+    assert renamed == {
+        "proj_in",
+        "time_embed.linear",
+        "time_embed.emb.timestep_embedder.linear_1",
+        "time_embed.emb.timestep_embedder.linear_2",
+    }
     modules = lora_module_names(tensors, "diffusion_model.")
-    assert modules == comfy_names  # every Linear of LTXV, each under its ComfyUI name
+    # every Linear of LTXV under its ComfyUI name, plus the four renamed ones under diffusers' name too
+    assert modules == comfy_names | renamed
     for name in [
         "patchify_proj",
         "proj_out",
@@ -266,10 +278,9 @@ def test_round_trip_through_diffusers_load_lora_weights(pipeline_parts, tmp_path
     assert_rel_close(diffusers_output(pipeline_parts, src), ref)
 
     twin = convert.convert_file(src)
-    if not RENAMED_IN_COMFY & set(targets):
-        # diffusers reads `diffusion_model.` files by stripping the prefix: exact where both namings agree
-        assert_rel_close(diffusers_output(pipeline_parts, twin), ref)
-    # ... and the twin converted back loads exactly, whatever the targets
+    # The ComfyUI twin loads exactly in diffusers too, whatever the targets (renamed modules carry both names)
+    assert_rel_close(diffusers_output(pipeline_parts, twin), ref)
+    # ... and the twin converted back loads exactly
     back = convert.convert_file(twin, to="diffusers")
     assert_rel_close(diffusers_output(pipeline_parts, back), ref)
     adapter = json.loads(read(back)[1][export.LORA_ADAPTER_METADATA_KEY])

@@ -230,18 +230,35 @@ def lora_to_comfy(tensors, metadata, path, dtype=None) -> tuple[dict[str, torch.
     scales = _diffusers_lora_scales(modules, metadata, path)
     out = {}
     for m, mod in modules.items():
-        name = keys.COMFY_LORA_PREFIX + keys.diffusers_to_original(m)
         up = mod.up if scales[m] == 1.0 else (mod.up.float() * scales[m]).to(dtype or mod.up.dtype)
-        out[f"{name}.lora_A.weight"] = _cast(mod.down, dtype)
-        out[f"{name}.lora_B.weight"] = _cast(up, dtype)
+        names = [keys.diffusers_to_original(m)]
+        if names[0] != m:
+            # diffusers reads `diffusion_model.` LoRAs by stripping the prefix only, without ComfyUI's renames, and
+            # would drop patchify_proj/adaln_single. These few modules also go under their diffusers name, so
+            # both loaders apply every trained layer (each ignores the other's copy: no module has both names).
+            names.append(m)
+        for i, name in enumerate(names):
+            down, b = _cast(mod.down, dtype), _cast(up, dtype)
+            if i:  # safetensors refuses tensors that share memory
+                down, b = down.clone(), b.clone()
+            out[f"{keys.COMFY_LORA_PREFIX}{name}.lora_A.weight"] = down
+            out[f"{keys.COMFY_LORA_PREFIX}{name}.lora_B.weight"] = b
     meta = {k: v for k, v in metadata.items() if k != export.LORA_ADAPTER_METADATA_KEY}
     meta[f"{export.META_PREFIX}alpha_folded_into_lora_B"] = "true"
     return out, meta
 
 
 def lora_to_diffusers(tensors, metadata, form, path, dtype=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    modules = _comfy_lora_to_original_names(tensors, form, path)
-    modules = {keys.original_to_diffusers(m): mod for m, mod in modules.items()}
+    renamed: dict[str, LoraModule] = {}
+    for m, mod in _comfy_lora_to_original_names(tensors, form, path).items():
+        target = keys.original_to_diffusers(m)
+        prev = renamed.get(target)
+        if prev is not None:  # a module under both names (our twins carry proj_in/time_embed twice): must agree
+            if not (torch.equal(prev.down, mod.down) and torch.equal(prev.up, mod.up) and prev.alpha == mod.alpha):
+                raise UserError(f"{path}: two different LoRA weights for the module {target}; the file is inconsistent")
+            continue
+        renamed[target] = mod
+    modules = renamed
     ranks = {mod.rank for mod in modules.values()}
     # ComfyUI semantics: no .alpha tensor means scale 1.0, i.e. alpha == rank.
     alphas = {mod.alpha if mod.alpha is not None else float(mod.rank) for mod in modules.values()}
