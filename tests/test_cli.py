@@ -141,3 +141,21 @@ def test_resume_latest_continues_the_same_run(quickstart_config: Path, tmp_path:
     assert yaml.safe_load((run / "config.yaml").read_text())["training"]["steps"] == 6
     for w in _weights(run):
         assert w.with_name(w.stem + "_comfy.safetensors").is_file()
+
+
+def test_output_dir_that_is_a_file_fails_before_preprocessing(quickstart_config: Path, tmp_path: Path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    r = run_cli(str(quickstart_config), f"output_dir={blocker / 'sub'}")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "unexpected" not in r.stderr
+    assert f"output_dir: cannot create run folders in {blocker / 'sub'} ({blocker} is a file" in r.stderr
+    assert "stage 1/3" not in r.stdout  # nothing encoded for a run that cannot be saved
+
+
+def test_data_folder_where_the_cache_cannot_be_written(quickstart_config: Path, quickstart_dir: Path):
+    (quickstart_dir / ".precomputed").write_text("")  # stands in for a read-only folder (tests may run as root)
+    r = run_cli(str(quickstart_config), "--only", "preprocess")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "unexpected" not in r.stderr
+    assert f"dataset.data_folder: cannot write the cache {quickstart_dir / '.precomputed'}" in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from datetime import datetime
@@ -55,6 +56,23 @@ def attach_run_log(run_dir: Path) -> logging.Handler:
     return h
 
 
+def _output_dir_error(output_dir: Path, why: str) -> UserError:
+    return UserError(
+        f"output_dir: cannot create run folders in {output_dir} ({why}); set output_dir to a writable folder"
+    )
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Before any preprocessing: output_dir (or its nearest existing parent) must be a writable folder."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _output_dir_error(output_dir, f"{existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _output_dir_error(output_dir, f"{existing} is not writable")
+
+
 def new_run_dir(output_dir: Path) -> Path:
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
     for i in range(1000):
@@ -64,6 +82,8 @@ def new_run_dir(output_dir: Path) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as e:  # a file in the way, no permission, read-only file system
+            raise _output_dir_error(output_dir, e.strerror or type(e).__name__) from None
     raise UserError(f"output_dir {output_dir}: could not create a new run folder")
 
 
@@ -161,6 +181,8 @@ def run(
     from .training import check_acceleration
 
     check_acceleration(cfg)  # before preprocessing: an option that cannot run should not cost an encode first
+    if only != "preprocess" and not resume:
+        check_output_dir(output_dir)
     _preflight(cfg)
     if only == "train":
         from .preprocess import find_manifest

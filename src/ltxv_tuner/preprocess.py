@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -581,6 +582,19 @@ def _print_report(mpath: Path, root: Path, manifest: Manifest, report: _Report, 
 # Public API
 
 
+def _check_cache_writable(root: Path, folder: Path) -> None:
+    """A read-only data folder (a shared mount, another user's files) fails here, before any encoding."""
+    try:
+        root.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"dataset.data_folder: cannot write the cache {root} ({e.strerror}); "
+            f"make {folder} writable, or copy the clips and captions to a writable folder and point data_folder there"
+        ) from None
+
+
 def run_preprocess(cfg) -> Path:
     """Encode what is missing for the current config; return the manifest path. Prints what it did."""
     t0 = time.perf_counter()
@@ -607,6 +621,7 @@ def run_preprocess(cfg) -> Path:
         print(f"preprocess: cache reused, nothing to encode ({n} clip(s){extra}; {time.perf_counter() - t0:.2f} s)")
         return mpath
 
+    _check_cache_writable(root, folder)
     remove_stale_temp_files(root)
     report = _Report()
     items, index = _plan(cfg, folder, root, settings, report)
