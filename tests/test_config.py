@@ -182,3 +182,14 @@ def test_lora_targets_that_are_not_linear_are_rejected():
     (p,) = _problems(_base(lora={"target_modules": ["to_q", "norm_q", "time_embed"]}))
     assert p.startswith("lora.target_modules: norm_q, time_embed: not a Linear layer")
     assert validate_config(_base(lora={"target_modules": ["to_q", "ff.net.0.proj", "proj_in"]}))
+
+
+def test_a_key_written_twice_is_an_error_not_last_one_wins(tmp_path: Path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("dataset:\n  data_folder: x\ntraining:\n  steps: 2\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: .*line 5.*'steps' is written twice \(lines 4 and 5\)"):
+        load_config(path)
+    # YAML merge keys (`<<: *anchor`) may still be overridden by the keys after them.
+    path.write_text("base: &b\n  steps: 2\ndataset:\n  data_folder: x\ntraining:\n  <<: *b\n  steps: 5\n")
+    with pytest.raises(ConfigError, match="base: unknown key"):
+        load_config(path)
