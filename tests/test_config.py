@@ -193,3 +193,39 @@ def test_a_key_written_twice_is_an_error_not_last_one_wins(tmp_path: Path):
     path.write_text("base: &b\n  steps: 2\ndataset:\n  data_folder: x\ntraining:\n  <<: *b\n  steps: 5\n")
     with pytest.raises(ConfigError, match="base: unknown key"):
         load_config(path)
+
+
+def test_common_yaml_type_mistakes_get_the_fix():
+    problems = _problems(
+        {
+            "dataset": {"data_folder": "x", "resolution_buckets": [512, 512, 49], "id_token": True},
+            "model": [{"model_source": "tiny"}],
+            "training": 5,
+            "lora": {"target_modules": "to_q"},
+        }
+    )
+    assert problems == [
+        "dataset.resolution_buckets: expected a list of [width, height, frames] buckets, "
+        "got the flat list [512, 512, 49] (write [[512, 512, 49]])",
+        "dataset.id_token: expected text, got True (YAML read it as a bool: put it in quotes)",
+        "model: is a section of `key: value` lines, got a list (remove the '- ' before its keys)",
+        "lora.target_modules: expected a list, got 'to_q' (write [to_q])",
+        "training: is a section of `key: value` lines, got 5 (set a key inside it, e.g. training.KEY=VALUE)",
+    ], problems
+    assert any(p.startswith("dataset.resolution_buckets[1]: ") for p in _problems(
+        _base(dataset={"data_folder": "x", "resolution_buckets": [[128, 96, 17], [1, 2]]})
+    ))
+
+
+def test_unquoted_no_means_no_mixed_precision(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset:\n  data_folder: x\ntraining:\n  mixed_precision_mode: no\n")  # YAML 1.1: false
+    assert load_config(path).training.mixed_precision_mode == "no"
+    assert load_config(path, ["training.mixed_precision_mode=no"]).training.mixed_precision_mode == "no"
+
+
+def test_tab_indentation_says_so(tmp_path: Path):
+    path = tmp_path / "tabs.yaml"
+    path.write_text("dataset:\n\tdata_folder: x\n")
+    with pytest.raises(ConfigError, match=r"line 2, column 1: .*\(indent with spaces, not tabs\)"):
+        load_config(path)

@@ -65,6 +65,13 @@ class DatasetConfig(_Section):
     strict: bool = Field(False, description="Stop on any skipped clip or caption problem instead of reporting it.")
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
 
+    @field_validator("resolution_buckets", mode="before")
+    @classmethod
+    def _flat_bucket(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and all(isinstance(x, int) for x in v):
+            raise ValueError(f"expected a list of [width, height, frames] buckets, got the flat list {v} (write [{v}])")
+        return v
+
     @field_validator("resolution_buckets")
     @classmethod
     def _buckets(cls, buckets: list[list[int]]) -> list[list[int]]:
@@ -135,6 +142,11 @@ class TrainingConfig(_Section):
     batch_size: int = Field(1, ge=1, description="Clips per step per process (one bucket per batch).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     mixed_precision_mode: MIXED_PRECISION = Field("bf16", description="Autocast precision: no, fp16 or bf16.")
+
+    @field_validator("mixed_precision_mode", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
     enable_gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
     optimizer_type: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw, or adamw8bit (bitsandbytes).")
     scheduler_type: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = Field(
@@ -239,10 +251,22 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def _format_error(err: dict) -> str:
-    loc = tuple(err["loc"])
-    path = ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
+    wrappers = ("function-after", "function-before")
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(wrappers)))
+    path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc)
     path = path.replace(".[", "[")
     etype = err["type"]
+    got = err.get("input")
+    if etype == "model_type":
+        what = "a list" if isinstance(got, list) else repr(got)
+        fix = (
+            "remove the '- ' before its keys" if isinstance(got, list) else f"set a key inside it, e.g. {path}.KEY=VALUE"
+        )
+        return f"{path}: is a section of `key: value` lines, got {what} ({fix})"
+    if etype == "list_type" and not isinstance(got, dict):
+        return f"{path}: expected a list, got {got!r}" + (f" (write [{got}])" if isinstance(got, str) else "")
+    if etype == "string_type" and isinstance(got, (bool, int, float)):
+        return f"{path}: expected text, got {got!r} (YAML read it as a {type(got).__name__}: put it in quotes)"
     if etype == "extra_forbidden":
         key = str(loc[-1])
         known = _known_keys(Config, loc[:-1])
@@ -267,7 +291,6 @@ def _format_error(err: dict) -> str:
             else:
                 out.append(f"{path}: {m}" if path else m)
         return "\n".join(out)
-    got = err.get("input")
     got_s = f" (got {got!r})" if etype not in ("value_error",) and not isinstance(got, dict) else ""
     return f"{path}: {msg}{got_s}"
 
@@ -349,7 +372,10 @@ def load_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+        problem = getattr(e, "problem", None) or str(e)
+        if "'\\t'" in problem:
+            problem += " (indent with spaces, not tabs)"
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
