@@ -212,9 +212,10 @@ def test_common_yaml_type_mistakes_get_the_fix():
         "lora.target_modules: expected a list, got 'to_q' (write [to_q])",
         "training: is a section of `key: value` lines, got 5 (set a key inside it, e.g. training.KEY=VALUE)",
     ], problems
-    assert any(p.startswith("dataset.resolution_buckets[1]: ") for p in _problems(
-        _base(dataset={"data_folder": "x", "resolution_buckets": [[128, 96, 17], [1, 2]]})
-    ))
+    assert any(
+        p.startswith("dataset.resolution_buckets[1]: ")
+        for p in _problems(_base(dataset={"data_folder": "x", "resolution_buckets": [[128, 96, 17], [1, 2]]}))
+    )
 
 
 def test_unquoted_no_means_no_mixed_precision(tmp_path: Path):

@@ -147,6 +147,7 @@ class TrainingConfig(_Section):
     @classmethod
     def _yaml_no(cls, v: Any) -> Any:
         return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
+
     enable_gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
     optimizer_type: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw, or adamw8bit (bitsandbytes).")
     scheduler_type: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = Field(
@@ -259,9 +260,10 @@ def _format_error(err: dict) -> str:
     got = err.get("input")
     if etype == "model_type":
         what = "a list" if isinstance(got, list) else repr(got)
-        fix = (
-            "remove the '- ' before its keys" if isinstance(got, list) else f"set a key inside it, e.g. {path}.KEY=VALUE"
-        )
+        if isinstance(got, list):
+            fix = "remove the '- ' before its keys"
+        else:
+            fix = f"set a key inside it, e.g. {path}.KEY=VALUE"
         return f"{path}: is a section of `key: value` lines, got {what} ({fix})"
     if etype == "list_type" and not isinstance(got, dict):
         return f"{path}: expected a list, got {got!r}" + (f" (write [{got}])" if isinstance(got, str) else "")
