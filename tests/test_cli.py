@@ -159,3 +159,13 @@ def test_data_folder_where_the_cache_cannot_be_written(quickstart_config: Path, 
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and "unexpected" not in r.stderr
     assert f"dataset.data_folder: cannot write the cache {quickstart_dir / '.precomputed'}" in r.stderr
+
+
+def test_convert_on_a_folder_that_is_not_a_run_writes_nothing_into_it(quickstart_config: Path, quickstart_dir: Path):
+    before = sorted(p.name for p in quickstart_dir.iterdir())
+    r = run_cli(str(quickstart_config), "--only", "convert", "--run-dir", str(quickstart_dir))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{quickstart_dir}: no checkpoints/ folder" in r.stderr
+    assert sorted(p.name for p in quickstart_dir.iterdir()) == before  # no logs/ left in the data folder
+    r = run_cli(str(quickstart_config), "--only", "convert", "--run-dir", str(quickstart_dir / "sunset.txt"))
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr, r.stderr

@@ -120,12 +120,17 @@ def resolve_convert_target(run_dir: str | None, output_dir: Path) -> Path:
     if run_dir:
         path = Path(run_dir)
         if not path.is_dir():
-            raise UserError(f"--run-dir {run_dir}: no such folder")
-        return path
-    runs = list_runs(output_dir)
-    if not runs:
-        raise UserError(f"--only convert: no run folder under {output_dir}/ (pass --run-dir PATH)")
-    return runs[-1]
+            what = "is a file, not a folder" if path.exists() else "no such folder"
+            raise UserError(f"--run-dir {run_dir}: {what} (pass a run folder, e.g. outputs/run_YYYYMMDD_HHMMSS)")
+    else:
+        runs = list_runs(output_dir)
+        if not runs:
+            raise UserError(f"--only convert: no run folder under {output_dir}/ (pass --run-dir PATH)")
+        path = runs[-1]
+    # Checked here, before the run log is attached: a wrong folder must not get a logs/ folder written into it.
+    if not (path / "checkpoints").is_dir():
+        raise UserError(f"{path}: no checkpoints/ folder; pass a run folder (outputs/run_YYYYMMDD_HHMMSS)")
+    return path
 
 
 def _preflight(cfg: Config) -> None:
