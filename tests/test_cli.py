@@ -169,3 +169,23 @@ def test_convert_on_a_folder_that_is_not_a_run_writes_nothing_into_it(quickstart
     assert sorted(p.name for p in quickstart_dir.iterdir()) == before  # no logs/ left in the data folder
     r = run_cli(str(quickstart_config), "--only", "convert", "--run-dir", str(quickstart_dir / "sunset.txt"))
     assert r.returncode == 2 and "is a file, not a folder" in r.stderr, r.stderr
+
+
+def test_resume_with_fewer_steps_than_the_run_has_is_refused(quickstart_config: Path, tmp_path: Path):
+    r = run_cli(str(quickstart_config), "training.steps=2", "checkpoints.interval=null")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = _runs(tmp_path / "outputs")
+    config_before = (run / "config.yaml").read_text()
+    r = run_cli(str(quickstart_config), "training.steps=1", "--resume", "latest")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "step_000002 is at step 2, past training.steps=1; pass training.steps=2" in r.stderr
+    assert (run / "config.yaml").read_text() == config_before  # the run's record still says 2 steps
+    r = run_cli(str(quickstart_config), "training.steps=2", "--resume", "latest")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "nothing to train" in r.stdout
+
+
+def test_a_bad_resume_target_is_refused_before_preprocessing(quickstart_config: Path, tmp_path: Path):
+    r = run_cli(str(quickstart_config), "--resume", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "no such run folder" in r.stderr
+    assert "stage 1/3" not in r.stdout  # no encoding for a run that cannot start

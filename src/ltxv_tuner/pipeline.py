@@ -147,6 +147,21 @@ def _preflight(cfg: Config) -> None:
     preflight.report(cfg, tcfg)
 
 
+def _check_resume(resume: str, output_dir: Path, cfg: Config) -> tuple[Path, Path, int]:
+    """(run folder, checkpoint, its step); refuses a missing or incompatible target before anything is touched."""
+    from . import checkpoints as ckpts
+
+    target = resolve_resume(resume, output_dir)
+    ckpt = ckpts.resolve_resume_checkpoint(target)
+    done = ckpts.check_resume_compatible(ckpt, cfg.model_dump(mode="json")).get("step", 0)
+    if done > cfg.training.steps:  # else the run's config.yaml would claim fewer steps than it has
+        raise UserError(
+            f"--resume: {ckpt} is at step {done}, past training.steps={cfg.training.steps}; "
+            f"pass training.steps={done} (nothing more to train) or higher to train longer"
+        )
+    return target, ckpt, done
+
+
 def _stage_preprocess(cfg: Config) -> Path:
     from .preprocess import run_preprocess
 
@@ -188,6 +203,7 @@ def run(
     check_acceleration(cfg)  # before preprocessing: an option that cannot run should not cost an encode first
     if only != "preprocess" and not resume:
         check_output_dir(output_dir)
+    resume_target = _check_resume(resume, output_dir, cfg) if resume else None  # before an encode, too
     _preflight(cfg)
     if only == "train":
         from .preprocess import find_manifest
@@ -199,15 +215,12 @@ def run(
         return None
 
     # Resolve where the run lives (a new timestamped folder, or the one being resumed).
-    if resume:
-        from . import checkpoints as ckpts
-
-        target = resolve_resume(resume, output_dir)
-        # Refuse an incompatible resume before anything in the run folder is touched.
-        ckpt = ckpts.resolve_resume_checkpoint(target)
-        ckpts.check_resume_compatible(ckpt, cfg.model_dump(mode="json"))
+    if resume_target is not None:
+        target, ckpt, done = resume_target
         attach_run_log(target)
         log.info(f"resuming run {target} from {ckpt.name}")
+        if done == cfg.training.steps:
+            log.info(f"the run already reached training.steps={done}: nothing to train (raise it to train longer)")
     else:
         target = new_run_dir(output_dir)
         for sub in ("checkpoints", "validation", "logs"):
