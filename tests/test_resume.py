@@ -167,3 +167,16 @@ def test_sigkill_after_a_checkpoint_then_resume_loses_nothing(tmp_path, manifest
     )
     assert [r["step"] for r in _metrics(run)] == list(range(1, target + 1))
     assert not list((run / "checkpoints").glob(".tmp*"))
+
+
+def test_a_partly_copied_or_damaged_checkpoint_is_refused_with_the_fix(tmp_path: Path):
+    state = tmp_path / "step_000004" / "state"
+    state.mkdir(parents=True)
+    (state / "optimizer.bin").write_bytes(b"PK\x03\x04 truncated")
+    (state / "random_states_0.pkl").write_bytes(b"")
+    (state / "trainable.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(UserError) as e:
+        checkpoints.check_state_files(tmp_path / "step_000004")
+    msg = str(e.value)
+    assert "optimizer.bin is damaged" in msg and "scheduler.bin is missing" in msg
+    assert "trainable.safetensors is damaged" in msg and "delete that step folder" in msg

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 from .errors import UserError
@@ -155,9 +156,34 @@ def resume_differences(saved_config: dict, current_config: dict) -> list[str]:
     return diffs
 
 
+def check_state_files(ckpt: Path) -> None:
+    """A step folder copied or synced only in part (or damaged on disk) is refused with the fix, before loading."""
+    from .cache import CacheFileError, read_header
+
+    state = ckpt / STATE_DIR
+    problems = []
+    for name in ("optimizer.bin", "scheduler.bin"):  # torch.save zip archives
+        if not (state / name).is_file():
+            problems.append(f"{name} is missing")
+        elif not zipfile.is_zipfile(state / name):
+            problems.append(f"{name} is damaged (not a complete torch file)")
+    if not (state / "random_states_0.pkl").is_file():
+        problems.append("random_states_0.pkl is missing")
+    try:
+        read_header(state / TRAINABLE_FILE)
+    except CacheFileError:
+        problems.append(f"{TRAINABLE_FILE} is {'damaged' if (state / TRAINABLE_FILE).exists() else 'missing'}")
+    if problems:
+        raise UserError(
+            f"resume: {ckpt} is incomplete or damaged ({'; '.join(problems)} in {STATE_DIR}/); "
+            "delete that step folder to resume from the checkpoint before it"
+        )
+
+
 def check_resume_compatible(ckpt: Path, current_config: dict) -> dict:
     """Read the checkpoint's training state; raise if the config changed in a way that breaks the resume."""
     state = read_training_state(ckpt)
+    check_state_files(ckpt)
     diffs = resume_differences(state.get("config", {}), current_config)
     if diffs:
         raise UserError(
