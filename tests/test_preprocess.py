@@ -465,3 +465,14 @@ def test_cache_files_get_the_usual_permissions_not_0600(tmp_path: Path):
     write_json_atomic(tmp_path / "b.json", {"a": 1})
     for name in ("a.safetensors", "b.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_find_manifest_refuses_a_cache_older_than_the_folder(two_clips: Path):
+    """`--only train` must not silently train on old captions or without a newly added clip."""
+    cfg = make_cfg(two_clips)
+    run_preprocess(cfg)
+    (two_clips / "land.txt").write_text("an edited caption")
+    with pytest.raises(UserError, match=r"1 file\(s\) in .* changed since preprocessing \(e\.g\. land\.txt\)"):
+        find_manifest(cfg)
+    run_preprocess(cfg)
+    assert find_manifest(cfg)

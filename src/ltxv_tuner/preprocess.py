@@ -717,4 +717,15 @@ def find_manifest(cfg) -> Path:
         raise UserError(
             f"{mpath}: {len(missing)} cache file(s) it lists are gone (e.g. {missing[0]}): run preprocessing again"
         )
+    # Training on a cache older than the folder would silently use old captions and miss new clips.
+    now = _snapshot(folder, scan_folder(folder).files)
+    if now != manifest.sources:
+        changed = sorted(set(now) ^ set(manifest.sources)) + sorted(
+            k for k in set(now) & set(manifest.sources) if now[k] != manifest.sources[k]
+        )
+        raise UserError(
+            f"dataset.data_folder: {len(changed)} file(s) in {folder} were added, removed or changed since "
+            f"preprocessing (e.g. {', '.join(changed[:3])}): drop `--only train` (or run `--only preprocess` first) "
+            "so the cache is brought up to date"
+        )
     return mpath
