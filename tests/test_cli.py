@@ -189,3 +189,16 @@ def test_a_bad_resume_target_is_refused_before_preprocessing(quickstart_config: 
     r = run_cli(str(quickstart_config), "--resume", str(tmp_path / "nope"))
     assert r.returncode == 2 and "no such run folder" in r.stderr
     assert "stage 1/3" not in r.stdout  # no encoding for a run that cannot start
+
+
+def test_a_missing_validation_image_is_reported_before_any_work(quickstart_config: Path, tmp_path: Path):
+    missing = tmp_path / "first_frame.png"
+    r = run_cli(
+        str(quickstart_config),
+        "validation.interval=1",
+        "validation.prompts=[a cat]",
+        f"validation.images=[{missing}]",
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"validation.images[0]: cannot read {missing}" in r.stderr
+    assert "stage 1/3" not in r.stdout and not (tmp_path / "outputs").exists()

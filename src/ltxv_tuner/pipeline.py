@@ -204,6 +204,10 @@ def run(
     if only != "preprocess" and not resume:
         check_output_dir(output_dir)
     resume_target = _check_resume(resume, output_dir, cfg) if resume else None  # before an encode, too
+    if only != "preprocess" and cfg.validation.interval:
+        from .validation import load_images
+
+        load_images(cfg)  # a missing first-frame image must not surface only at the first validation, hours in
     _preflight(cfg)
     if only == "train":
         from .preprocess import find_manifest

@@ -39,7 +39,7 @@ def final_prompts(cfg: Config) -> list[str]:
     return [f"{token} {p}" if token and not p.startswith(token) else p for p in cfg.validation.prompts]
 
 
-def _load_images(cfg: Config) -> list | None:
+def load_images(cfg: Config) -> list | None:
     if cfg.validation.images is None:
         return None
     from PIL import Image
@@ -109,7 +109,7 @@ def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, ste
     vae, tokenizer, text_encoder = _parts(cfg, parts_dtype)
     vae.to(device)
     text_encoder.to(device)
-    images = _load_images(cfg)
+    images = load_images(cfg)
     pipe_cls = LTXImageToVideoPipeline if images is not None else LTXPipeline
     pipe = pipe_cls(
         scheduler=models.load_scheduler(cfg.model),
