@@ -169,6 +169,18 @@ def test_cli_main_converts_and_reports_errors_in_one_line(lora_file, tmp_path, c
     assert "missing.safetensors" in err and "\n" not in err and "Traceback" not in err
 
 
+def test_cli_output_into_a_folder_and_files_readable_by_others(lora_file, tmp_path, capsys):
+    """`-o folder/` writes the standard name inside it; weight files get the umask mode (safetensors makes 0600)."""
+    folder = tmp_path / "comfy_loras"
+    folder.mkdir()
+    assert convert.main([str(lora_file[0]), "--to-comfy", "-o", str(folder)]) == 0
+    (written,) = folder.iterdir()
+    assert written.name == convert.default_output(lora_file[0], "comfy").name
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_cli_module_entry_point_runs_a_run_folder(lora_file, tmp_path):
     run, lora, _ = _make_run(tmp_path, lora_file[0])
     proc = subprocess.run(
@@ -354,6 +366,14 @@ def test_comfy_files_are_recognised_and_not_converted_again(lora_file, tmp_path,
         ({"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 4)}, "not LTXV transformer LoRA keys"),
         ({"encoder.conv_in.weight": torch.zeros(2, 2)}, "neither an LTXV LoRA nor an LTXV transformer"),
         ({"transformer.foo.lora_A.weight": torch.zeros(2, 4)}, "not LTXV transformer LoRA keys"),
+        # a Stable Diffusion kohya LoRA: lora_unet_ like an LTXV one, but UNet modules (was "already ComfyUI form")
+        (
+            {
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 4),
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(4, 2),
+            },
+            "not LTXV transformer LoRA keys",
+        ),
     ],
 )
 def test_foreign_files_get_a_clear_message(tmp_path, capsys, tensors, match):

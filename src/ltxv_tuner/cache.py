@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 CACHE_FORMAT_VERSION = 1
 
-# mkstemp creates 0600 files; the final files should get the usual mode (cache shared by other configs and users,
-# weight files read by ComfyUI running as another user). Read once, at import: os.umask is process-wide.
+# Temp files come out 0600; final files get the usual mode (the cache is shared by other configs and users,
+# weight files are read by ComfyUI running as another user). Read once, at import: os.umask is process-wide.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 PRECOMPUTED_DIR = ".precomputed"
@@ -78,13 +78,18 @@ def hash_key(parts: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def give_usual_mode(path: str | Path) -> None:
+    """The mode a plain open() would give (0666 minus the umask); mkstemp and safetensors' save_file make 0600."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        give_usual_mode(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

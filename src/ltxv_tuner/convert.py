@@ -34,6 +34,7 @@ KOHYA_PREFIX = "lora_unet_"
 # Top-level modules of the LTXV transformer, in each naming (used to tell an LTXV file from anything else).
 DIFFUSERS_TOP = {"transformer_blocks", "proj_in", "time_embed", "caption_projection", "proj_out", "scale_shift_table"}
 ORIGINAL_TOP = {keys.DIFFUSERS_TO_ORIGINAL.get(n, n) for n in DIFFUSERS_TOP}
+_KOHYA_TOPS = tuple(sorted(n.replace(".", "_") for n in DIFFUSERS_TOP | ORIGINAL_TOP))
 
 _LORA_SUFFIXES = (
     (".lora_A.weight", "A"),
@@ -110,13 +111,16 @@ def detect_form(tensor_keys, path: Path | str = "file") -> str:
             if {_top(m.removeprefix(keys.COMFY_LORA_PREFIX)) for m in modules} <= ORIGINAL_TOP | DIFFUSERS_TOP:
                 return LORA_COMFY
         elif all(m.startswith(KOHYA_PREFIX) for m in modules):
-            return LORA_KOHYA
+            # kohya flattens dots to underscores: lora_unet_transformer_blocks_0_attn1_to_q (not an SD UNet's
+            # lora_unet_down_blocks_0_...)
+            if all(m.removeprefix(KOHYA_PREFIX).startswith(_KOHYA_TOPS) for m in modules):
+                return LORA_KOHYA
         elif {_top(m) for m in modules} <= DIFFUSERS_TOP:
             return LORA_DIFFUSERS  # peft/diffusers `save_lora_adapter` without the "transformer." prefix
         prefixes = sorted({_top(m) + "." for m in modules})[:4]
         raise UserError(
             f"{path}: LoRA keys that are not LTXV transformer LoRA keys (prefixes {', '.join(prefixes)}); "
-            "expected transformer.*, diffusion_model.* or lora_unet_*"
+            "expected transformer.*, diffusion_model.* or lora_unet_transformer_blocks_* (kohya)"
         )
     full_original = [k for k in names if k.startswith(keys.ORIGINAL_TRANSFORMER_PREFIX)]
     if full_original and _looks_like_transformer(full_original, keys.ORIGINAL_TRANSFORMER_PREFIX, original=True):
@@ -341,6 +345,8 @@ def convert_file(
         if dst.exists():
             raise UserError(f"{dst}: exists already; delete it or pass another output with -o")
     dst = Path(dst)
+    if dst.is_dir():  # `-o some_folder/`: the standard name inside it
+        dst = dst / default_output(src, to).name
     if dst.resolve() == src.resolve():
         raise UserError(f"{src}: the output would overwrite the input; pass another output with -o")
     dtype = export.SAVE_DTYPES[save_dtype] if save_dtype else None

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import PROJECT_NAME, __version__, keys
+from .cache import give_usual_mode
 from .errors import UserError
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,6 +59,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        give_usual_mode(tmp)  # safetensors writes 0600; ComfyUI may run as another user
         os.replace(tmp, path)
     finally:
         if tmp.exists():
