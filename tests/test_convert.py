@@ -179,6 +179,12 @@ def test_cli_output_into_a_folder_and_files_readable_by_others(lora_file, tmp_pa
     umask = os.umask(0o022)
     os.umask(umask)
     assert written.stat().st_mode & 0o777 == 0o666 & ~umask
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    capsys.readouterr()
+    assert convert.main([str(lora_file[0]), "--to-comfy", "-o", str(blocker / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ltxv-convert: error: {blocker / 'x.safetensors'}: cannot write it") and "\n" not in err
 
 
 def test_cli_module_entry_point_runs_a_run_folder(lora_file, tmp_path):

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from . import PROJECT_NAME, __version__, keys
@@ -52,15 +53,17 @@ def _target(path: str | Path, default_name: str) -> Path:
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Atomic write: temp file in the same folder, then os.replace."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
     if bad:
         raise TypeError(f"safetensors metadata values must be str, got {bad}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         give_usual_mode(tmp)  # safetensors writes 0600; ComfyUI may run as another user
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # no permission, a file where a folder should be, disk full
+        raise UserError(f"{path}: cannot write it ({e}); pick a writable folder with free space") from e
     finally:
         if tmp.exists():
             tmp.unlink()
