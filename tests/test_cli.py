@@ -202,3 +202,12 @@ def test_a_missing_validation_image_is_reported_before_any_work(quickstart_confi
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"validation.images[0]: cannot read {missing}" in r.stderr
     assert "stage 1/3" not in r.stdout and not (tmp_path / "outputs").exists()
+
+
+def test_output_dir_with_a_tilde_is_the_home_folder(quickstart_config: Path, tmp_path: Path):
+    home = tmp_path / "home"
+    home.mkdir()
+    r = run_cli(str(quickstart_config), "output_dir=~/runs", "training.steps=1", cwd=tmp_path, env={"HOME": str(home)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(_runs(home / "runs")) == 1
+    assert not (tmp_path / "~").exists()  # not a folder literally named ~ in the current folder

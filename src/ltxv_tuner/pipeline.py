@@ -187,7 +187,7 @@ def run(
 ) -> Path | None:
     """Run the stages the config and flags ask for. Returns the run folder (None for `--only preprocess`)."""
     setup_console_logging()
-    output_dir = Path(cfg.output_dir)
+    output_dir = Path(cfg.output_dir).expanduser()  # as data_folder: `~/runs` in a YAML is the home folder
 
     if only == "convert":
         target = resolve_convert_target(run_dir, output_dir)
