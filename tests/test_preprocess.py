@@ -476,3 +476,9 @@ def test_find_manifest_refuses_a_cache_older_than_the_folder(two_clips: Path):
         find_manifest(cfg)
     run_preprocess(cfg)
     assert find_manifest(cfg)
+
+
+def test_missing_relative_folder_says_where_it_was_looked_for(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"read from the current folder {re.escape(str(tmp_path))}"):
+        run_preprocess(make_cfg(Path("data/videos")))

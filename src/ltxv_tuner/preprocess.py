@@ -122,8 +122,9 @@ def _condition_key(settings: dict, caption: str) -> str:
 def _data_folder(cfg) -> Path:
     folder = Path(cfg.dataset.data_folder).expanduser()
     if not folder.exists():
+        where = "" if folder.is_absolute() else f"; a relative path is read from the current folder {Path.cwd()}"
         raise UserError(
-            f"dataset.data_folder: {folder} does not exist (point it at a folder of clip.mp4 + clip.txt pairs)"
+            f"dataset.data_folder: {folder} does not exist (point it at a folder of clip.mp4 + clip.txt pairs{where})"
         )
     if not folder.is_dir():
         raise UserError(f"dataset.data_folder: {folder} is a file, not a folder (give the folder that holds the clips)")
