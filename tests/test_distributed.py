@@ -65,3 +65,17 @@ def test_accelerate_config_with_fsdp_is_refused_clearly(tmp_path):
     acc.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 0\nnum_processes: 16\n")
     cmd = launch_command(cfg, tmp_path, tmp_path / "m.json", None)
     assert cmd[cmd.index("--config_file") + 1] == str(acc)
+
+
+def test_worker_exits_quietly_on_ctrl_c(monkeypatch, tmp_path, capsys):
+    """Ctrl-C reaches every launched process: each exits 130 without a per-rank KeyboardInterrupt traceback."""
+    from ltxv_tuner import training
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "load_config", lambda path: None)
+    monkeypatch.setattr(training, "_train_in_process", interrupted)
+    args = ["--config", "c.yaml", "--run-dir", str(tmp_path), "--manifest", "m.json"]
+    assert training.main(args) == 130
+    assert "Traceback" not in capsys.readouterr().err

@@ -766,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # this process's edge: print the message for the launcher, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches every process; the launcher's parent says "interrupted" once
+        return 130
     return 0
 
 
