@@ -69,7 +69,6 @@ def test_accelerate_config_with_fsdp_is_refused_clearly(tmp_path):
 
 def test_worker_exits_quietly_on_ctrl_c(monkeypatch, tmp_path, capsys):
     """Ctrl-C reaches every launched process: each exits 130 without a per-rank KeyboardInterrupt traceback."""
-    from ltxv_tuner import training
 
     def interrupted(*args):
         raise KeyboardInterrupt
