@@ -211,3 +211,49 @@ def test_output_dir_with_a_tilde_is_the_home_folder(quickstart_config: Path, tmp
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(_runs(home / "runs")) == 1
     assert not (tmp_path / "~").exists()  # not a folder literally named ~ in the current folder
+
+
+def test_a_local_model_file_that_is_not_ltxv_fails_before_any_download(quickstart_config: Path, tmp_path: Path):
+    import torch
+    from safetensors.torch import save_file
+
+    bogus = tmp_path / "not_ltxv.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(bogus))
+    r = run_cli(str(quickstart_config), f"model.model_source={bogus}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(bogus) in r.stderr and "Hugging Face" not in r.stderr
+    assert "== stage 1/3" not in r.stdout  # refused before preprocessing
+
+
+def test_settings_that_cannot_take_effect_are_warned_about(quickstart_config: Path, tmp_path: Path):
+    r = run_cli(
+        str(quickstart_config),
+        "training.steps=1",
+        "checkpoints.interval=null",
+        "validation.interval=10",
+        "validation.prompts=[a cat]",
+        "training.batch_size=3",
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "validation.interval 10 > training.steps 1" in out
+    # the bundled data has 2 clips per bucket: batches of 3 cannot be filled
+    assert "has 2 clip(s), not a multiple of training.batch_size 3" in out
+
+
+def test_only_convert_picks_the_newest_run_with_a_checkpoint(quickstart_config: Path, tmp_path: Path):
+    r = run_cli(
+        str(quickstart_config),
+        "training.steps=1",
+        "checkpoints.interval=null",
+        "checkpoints.auto_convert_to_comfy=false",
+    )
+    assert r.returncode == 0, r.stderr
+    (run,) = _runs(tmp_path / "outputs")
+    (tmp_path / "outputs" / "run_29990101_000000" / "checkpoints").mkdir(
+        parents=True
+    )  # newer, killed before a checkpoint
+    r = run_cli(str(quickstart_config), "--only", "convert")
+    assert r.returncode == 0, r.stderr
+    (w,) = _weights(run)
+    assert w.with_name(w.stem + "_comfy.safetensors").is_file()

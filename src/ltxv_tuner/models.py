@@ -474,7 +474,8 @@ def _match(cls, candidates, found_shapes) -> tuple[str, dict] | tuple[None, str]
     return None, first_problem
 
 
-def _load_single_file_transformer(path: Path, config_dir: Path | None, dtype, device):
+def _match_single_file_transformer(path: Path, config_dir: Path | None):
+    """(header, {diffusers name: name in file}, transformer config) from the file's header alone; no weights read."""
     from diffusers import LTXVideoTransformer3DModel
 
     header = _read_header(path)
@@ -490,6 +491,25 @@ def _load_single_file_transformer(path: Path, config_dir: Path | None, dtype, de
             f"architecture (13B 0.9.7: 48 blocks of 4096; 2B: 28 blocks of 2048; closest {cfg}); "
             "use a diffusers folder with its own transformer/config.json for other sizes"
         )
+    return header, names, cfg
+
+
+def local_transformer_config(model_cfg) -> dict | None:
+    """The transformer config of a local source, checked from file headers only (fast, no weights read), so a
+    wrong file fails before any download or encoding. None for `tiny` and named versions (known without files)."""
+    src = resolve_model_source(model_cfg)
+    if src.kind == "diffusers":
+        return {k: v for k, v in _load_config_dir(src.path, "transformer").items() if not k.startswith("_")}
+    if src.kind == "single_file":
+        _, _, cfg = _match_single_file_transformer(_single_file_path(src), src.config_dir)
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return None
+
+
+def _load_single_file_transformer(path: Path, config_dir: Path | None, dtype, device):
+    from diffusers import LTXVideoTransformer3DModel
+
+    header, names, cfg = _match_single_file_transformer(path, config_dir)
     tensors = _read_tensors(header, list(names.values()), dtype, device)
     state = {d: tensors[k] for d, k in names.items()}
     return _from_converted(LTXVideoTransformer3DModel, "transformer", cfg, state, dtype, device)

@@ -17,7 +17,7 @@ log = logging.getLogger("ltxv_tuner")
 RUN_PREFIX = "run_"
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """diffusers/transformers warn at every load about things users cannot act on (dtype casts of tiny parts)."""
     try:
         from diffusers.utils import logging as dlog
@@ -32,7 +32,7 @@ def _quiet_libraries() -> None:
 
 def setup_console_logging() -> None:
     """Plain INFO messages on stdout; the run's file handler is added once the run folder exists."""
-    _quiet_libraries()
+    quiet_libraries()
     if any(getattr(h, "_ltxv_console", False) for h in log.handlers):
         return
     h = logging.StreamHandler(sys.stdout)
@@ -123,9 +123,9 @@ def resolve_convert_target(run_dir: str | None, output_dir: Path) -> Path:
             what = "is a file, not a folder" if path.exists() else "no such folder"
             raise UserError(f"--run-dir {run_dir}: {what} (pass a run folder, e.g. outputs/run_YYYYMMDD_HHMMSS)")
     else:
-        runs = list_runs(output_dir)
+        runs = [r for r in list_runs(output_dir) if _has_checkpoint(r)]
         if not runs:
-            raise UserError(f"--only convert: no run folder under {output_dir}/ (pass --run-dir PATH)")
+            raise UserError(f"--only convert: no run with a checkpoint under {output_dir}/ (pass --run-dir PATH)")
         path = runs[-1]
     # Checked here, before the run log is attached: a wrong folder must not get a logs/ folder written into it.
     if not (path / "checkpoints").is_dir():
@@ -143,8 +143,22 @@ def _preflight(cfg: Config) -> None:
     elif src.kind == "named":
         tcfg = models.transformer_config(src.version)
     else:
-        tcfg = None  # a local file: its architecture is only known once loaded
+        # A local file or folder: read its header now, so a wrong file fails before any download or encoding.
+        tcfg = models.local_transformer_config(cfg.model)
     preflight.report(cfg, tcfg)
+    _warn_ineffective_settings(cfg)
+
+
+def _warn_ineffective_settings(cfg: Config) -> None:
+    """Settings that are valid but will not do what the user likely expects: say so before hours of work."""
+    t, v, c = cfg.training, cfg.validation, cfg.checkpoints
+    if v.interval is not None and v.interval > t.steps:
+        log.warning(
+            f"warning: validation.interval {v.interval} > training.steps {t.steps}: no validation video will be made "
+            f"(set validation.interval <= {t.steps})"
+        )
+    if c.interval is not None and c.interval > t.steps:
+        log.info(f"note: checkpoints.interval {c.interval} > training.steps {t.steps}: only the final checkpoint")
 
 
 def _check_resume(resume: str, output_dir: Path, cfg: Config) -> tuple[Path, Path, int]:

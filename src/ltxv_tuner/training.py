@@ -482,7 +482,17 @@ def _fit(accelerator, cfg: Config, run_dir: Path, manifest_path: Path, resume_ck
     metrics_path = logs_dir / metrics.METRICS_FILE
 
     data = CachedDataset(manifest_path, cfg)
-    order = BatchOrder(data.bucket_groups(), t.batch_size, cfg.seed)
+    groups = data.bucket_groups()
+    if main:
+        for g in groups:
+            if len(g) % t.batch_size:
+                bucket = "x".join(map(str, data.clips[g[0]].bucket))
+                log.warning(
+                    "warning: bucket %s has %d clip(s), not a multiple of training.batch_size %d: one batch per "
+                    "epoch has %d clip(s) (batches never mix buckets)", bucket, len(g), t.batch_size,
+                    len(g) % t.batch_size,
+                )  # fmt: skip
+    order = BatchOrder(groups, t.batch_size, cfg.seed)
     model = prepare_transformer(cfg, device)
     _check_embedding_width(data, model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -759,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--resume", default=None, help="run folder to continue from")
     args = parser.parse_args(argv)
+    from .pipeline import quiet_libraries
+
+    quiet_libraries()  # each launched process would repeat diffusers' load-time warnings
     try:
         cfg = load_config(args.config)
         resume = Path(args.resume) if args.resume else None
