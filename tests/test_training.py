@@ -350,3 +350,36 @@ def test_compile_compiles_each_block_and_matches_eager(tmp_path, manifest):
     assert grads[True].keys() == grads[False].keys()
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_report_to_tensorboard_writes_event_files(tmp_path):
+    """training.report_to: tensorboard logs the same metrics through accelerate's tracker (when installed)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, run_dir, manifest = _tracker_setup(tmp_path, "tensorboard")
+    training.train(cfg, run_dir, manifest)
+    events = list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file under logs/"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    losses = acc.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3]
+
+
+def test_report_to_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg, run_dir, manifest = _tracker_setup(tmp_path, "wandb")
+    with pytest.raises(UserError, match="training.report_to: wandb needs the wandb package"):
+        training.train(cfg, run_dir, manifest)
+
+
+def _tracker_setup(tmp_path, report_to):
+    manifest = make_cache(tmp_path / "data")
+    cfg = make_config(tmp_path, training={"steps": 3, "report_to": report_to}, checkpoints={"interval": None})
+    run_dir = tmp_path / "outputs" / "run_20260101_000000"
+    run_dir.mkdir(parents=True)
+    return cfg, run_dir, manifest

@@ -159,6 +159,11 @@ class TrainingConfig(_Section):
     first_frame_conditioning_p: float = Field(
         0.0, ge=0, le=1, description="Probability of training image-to-video: first frame kept clean, left out of loss."
     )
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none",
+        description="Also log metrics to TensorBoard (logs/ of the run; pip install tensorboard) or Weights & Biases "
+        "(pip install wandb; wandb login).",
+    )
     timestep_shift: bool = Field(
         True, description="Shift the sampled noise levels with sequence length, as LTXV trains."
     )

@@ -212,9 +212,10 @@ def run(
         raise UserError("--resume goes with training; drop it or drop --only preprocess")
 
     started = time.time()
-    from .training import check_acceleration
+    from .training import check_acceleration, check_tracker
 
     check_acceleration(cfg)  # before preprocessing: an option that cannot run should not cost an encode first
+    check_tracker(cfg)
     if only != "preprocess" and not resume:
         check_output_dir(output_dir)
     resume_target = _check_resume(resume, output_dir, cfg) if resume else None  # before an encode, too

@@ -604,6 +604,10 @@ def _flush_metrics(accelerator, pending: list[dict], path: Path, bar) -> float |
     pending.clear()
     if accelerator.is_main_process:
         metrics.append_metrics(path, rows)
+        if accelerator.log_with:
+            for row in rows:
+                scalars = {f"train/{k}": v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+                accelerator.log(scalars, step=row["step"])
         last = rows[-1]
         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", s_step=f"{last['s_per_step']:.2f}")
         log.info(
@@ -637,18 +641,61 @@ def _validate(accelerator, model, cfg: Config, run_dir: Path, step: int) -> None
 # Entry points
 
 
-def _make_accelerator(cfg: Config):
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_tracker(cfg: Config) -> None:
+    """training.report_to needs its package; say so before any work rather than at the first log line."""
+    import importlib.util
+
+    package = TRACKER_PACKAGES.get(cfg.training.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(
+            f"training.report_to: {cfg.training.report_to} needs the {package} package, which is not installed "
+            f"(venv/bin/pip install {package}, or set training.report_to: none)"
+        )
+
+
+def _tracker_config(cfg: Config) -> dict:
+    """The run's settings as flat scalar hyperparameters (what TensorBoard/W&B can show)."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            key = prefix.rstrip(".")
+            flat[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat
+
+
+def _make_accelerator(cfg: Config, run_dir: Path | None = None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     mixed = resolve_mixed_precision(cfg, torch.cuda.is_available())
+    tracker = None if cfg.training.report_to == "none" else cfg.training.report_to
+    if tracker:
+        check_tracker(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         # cpu=True on a machine without CUDA: accelerate then joins several launched processes with gloo
         # (MULTI_CPU); without it each process would train alone as if it were the only one.
         accelerator = Accelerator(
-            mixed_precision=mixed, step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available()
+            mixed_precision=mixed,
+            step_scheduler_with_optimizer=False,
+            cpu=not torch.cuda.is_available(),
+            log_with=tracker,
+            project_dir=str(Path(run_dir) / "logs") if run_dir is not None else None,
         )
+    if tracker:
+        # TensorBoard event files go to <run>/logs/<run folder name>/; W&B gets the run folder name as run name.
+        name = Path(run_dir).name if run_dir is not None else "run"
+        init_kwargs = {"wandb": {"name": name, "dir": str(Path(run_dir) / "logs")}} if tracker == "wandb" else {}
+        accelerator.init_trackers(name, config=_tracker_config(cfg), init_kwargs=init_kwargs)
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
 
@@ -656,7 +703,7 @@ def _make_accelerator(cfg: Config):
 def _train_in_process(cfg: Config, run_dir: Path, manifest_path: Path, resume_from: Path | None) -> TrainResult:
     run_dir = Path(run_dir)
     resume_ckpt = ckpts.resolve_resume_checkpoint(resume_from) if resume_from is not None else None
-    accelerator = _make_accelerator(cfg)
+    accelerator = _make_accelerator(cfg, run_dir)
     with _file_log(run_dir, accelerator.is_main_process):
         try:
             result = _fit(accelerator, cfg, run_dir, manifest_path, resume_ckpt)
