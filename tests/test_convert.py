@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_export import lora_transformer
 
 from ltxv_tuner import convert, export, tiny
 from ltxv_tuner.config import validate_config
@@ -29,17 +29,6 @@ def make_cfg(mode="lora", rank=4, alpha=8, targets=ATTN, dtype="fp32"):
             "checkpoints": {"save_dtype": dtype},
         }
     )
-
-
-def lora_transformer(cfg, seed=0):
-    t = tiny.build_tiny_transformer()
-    t.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in t.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero; a trained LoRA is non-zero
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return t
 
 
 def read(path):

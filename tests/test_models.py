@@ -17,22 +17,7 @@ from ltxv_tuner.errors import UserError
 from ltxv_tuner.keys import ORIGINAL_TRANSFORMER_PREFIX, diffusers_to_original
 
 # A VAE that diffusers reads in the 0.9.5 key layout (encoder conv_out input width 2048), kept small.
-SMALL_VAE_095 = dict(
-    block_out_channels=(8, 16, 32, 256, 2048),
-    decoder_block_out_channels=(16, 32, 64),
-    layers_per_block=(1, 1, 1, 1, 0),
-    decoder_layers_per_block=(1, 1, 1, 1),
-    down_block_types=("LTXVideo095DownBlock3D",) * 4,
-    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
-    spatio_temporal_scaling=(True,) * 4,
-    decoder_spatio_temporal_scaling=(True,) * 3,
-    decoder_inject_noise=(False,) * 4,
-    upsample_residual=(True,) * 3,
-    upsample_factor=(2, 2, 2),
-    timestep_conditioning=True,
-    patch_size=4,
-    latent_channels=128,
-)
+SMALL_VAE_095 = dict(tiny.VAE_095_KWARGS, block_out_channels=(8, 16, 32, 256, 2048), layers_per_block=(1, 1, 1, 1, 0))
 
 
 def _vae_095_to_original(name: str) -> str:

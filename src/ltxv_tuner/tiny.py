@@ -60,28 +60,32 @@ def build_tiny_text_encoder():
     return T5EncoderModel(cfg).eval()
 
 
+# The 0.9.5+ VAE structure (LTXV_FACTS.md) with the widths left out: the tiny VAE and test VAEs share it.
+VAE_095_KWARGS = dict(
+    decoder_block_out_channels=(16, 32, 64),
+    decoder_layers_per_block=(1, 1, 1, 1),
+    down_block_types=("LTXVideo095DownBlock3D",) * 4,
+    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+    spatio_temporal_scaling=(True,) * 4,
+    decoder_spatio_temporal_scaling=(True,) * 3,
+    decoder_inject_noise=(False,) * 4,
+    upsample_residual=(True,) * 3,
+    upsample_factor=(2, 2, 2),
+    timestep_conditioning=True,
+    patch_size=4,
+    latent_channels=128,
+    # diffusers derives 64x/16x from these block settings; the real (and these) VAEs compress 32x/8x.
+    spatial_compression_ratio=32,
+    temporal_compression_ratio=8,
+)
+
+
 def build_tiny_vae():
     from diffusers import AutoencoderKLLTXVideo
 
     torch.manual_seed(TINY_SEED + 2)
     return AutoencoderKLLTXVideo(
-        block_out_channels=(8, 16, 32, 64, 128),
-        decoder_block_out_channels=(16, 32, 64),
-        layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1),
-        down_block_types=("LTXVideo095DownBlock3D",) * 4,
-        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
-        spatio_temporal_scaling=(True,) * 4,
-        decoder_spatio_temporal_scaling=(True,) * 3,
-        decoder_inject_noise=(False,) * 4,
-        upsample_residual=(True,) * 3,
-        upsample_factor=(2, 2, 2),
-        timestep_conditioning=True,
-        patch_size=4,
-        latent_channels=128,
-        # diffusers derives 64x/16x from these block settings; the real (and this) VAE compresses 32x/8x.
-        spatial_compression_ratio=32,
-        temporal_compression_ratio=8,
+        block_out_channels=(8, 16, 32, 64, 128), layers_per_block=(1, 1, 1, 1, 1), **VAE_095_KWARGS
     ).eval()
 
 
