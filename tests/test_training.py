@@ -302,7 +302,6 @@ def test_prepare_transformer_takes_an_already_built_transformer(tmp_path):
 @pytest.mark.parametrize(
     "acceleration, message",
     [
-        ({"quantize_base": "int8"}, "acceleration.quantize_base: int8 is not available yet"),
         ({"quantize_base": "fp8"}, "acceleration.quantize_base: fp8 is not available yet"),
         ({"block_swap": 4}, "acceleration.block_swap: 4 is not available yet"),
     ],
@@ -313,6 +312,106 @@ def test_unimplemented_acceleration_options_stop_training_before_any_work(tmp_pa
         training.train(cfg, tmp_path / "run", manifest)
     assert "use none" in str(e.value) or "use 0" in str(e.value)
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+INT8 = {"acceleration": {"quantize_base": "int8"}, "training": {"enable_gradient_checkpointing": True}}
+
+
+def _int8_config(tmp_path, quantize="int8", **sections):
+    merged = {"acceleration": {"quantize_base": quantize}, "training": {"enable_gradient_checkpointing": True}}
+    for k, v in sections.items():
+        merged.setdefault(k, {}).update(v)
+    return make_config(tmp_path, **merged)
+
+
+def test_quant_int8_stores_block_weights_as_int8_and_trains_the_adapter(tmp_path, manifest):
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8Tensor
+
+    cfg = _int8_config(tmp_path, training={"steps": 3}, checkpoints={"interval": None})
+    tr = training.prepare_transformer(cfg)
+    base = {n: m.weight for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear) and ".lora_" not in n}
+    blocks = {n: w for n, w in base.items() if n.startswith("transformer_blocks.")}
+    assert blocks and all(isinstance(w, Int8Tensor) and w.qdata.dtype == torch.int8 for w in blocks.values())
+    assert not any(isinstance(w, Int8Tensor) for n, w in base.items() if n not in blocks)  # proj_in/out, embeddings
+    trainable = training.trainable_state_dict(tr)
+    assert trainable and all(".lora_" in n and v.dtype == torch.float32 for n, v in trainable.items())
+
+    result = training.train(cfg, tmp_path / "run", manifest)
+    assert result.final_step == 3 and math.isfinite(result.final_loss)
+    trained = trainable_from_checkpoint(tmp_path / "run" / "checkpoints" / "step_000003")
+    assert trained.keys() == trainable.keys()
+    assert any(not torch.equal(trained[k], trainable[k]) for k in trainable)
+    assert "stored as int8" in (tmp_path / "run" / "logs" / "train.log").read_text()
+
+
+def test_quant_int8_lora_output_and_gradients_are_close_to_unquantized(tmp_path, manifest):
+    """Same base weights, same (non-zero) adapter: int8 per-row weights change the transformer output by ~0.14%
+    and the adapter gradients by at most 1-1.5% on the tiny model (measured, 3 caches); the bounds leave room."""
+    pytest.importorskip("torchao")
+    outputs, grads = {}, {}
+    for quantize in ("none", "int8"):
+        cfg = _int8_config(tmp_path, quantize)
+        tr = training.prepare_transformer(cfg)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for n, p in tr.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        hook = tr.register_forward_hook(lambda m, a, out, q=quantize: outputs.__setitem__(q, out[0].detach()))
+        batch = training.CachedDataset(manifest, cfg).load_batch([0, 1], torch.device("cpu"))
+        training.training_step(tr, batch, torch.Generator().manual_seed(0), cfg).backward()
+        hook.remove()
+        grads[quantize] = {n: p.grad for n, p in tr.named_parameters() if p.requires_grad}
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(outputs["int8"], outputs["none"]) < 0.02
+    assert grads["int8"].keys() == grads["none"].keys()
+    assert max(rel(grads["int8"][k], grads["none"][k]) for k in grads["none"]) < 0.05
+
+
+def test_quant_int8_exported_lora_has_the_same_keys_and_shapes(tmp_path, manifest):
+    pytest.importorskip("torchao")
+    files = {}
+    for quantize in ("none", "int8"):
+        cfg = _int8_config(tmp_path, quantize, training={"steps": 2}, checkpoints={"interval": None})
+        result = training.train(cfg, tmp_path / quantize, manifest)
+        with safe_open(str(result.checkpoints[-1]), "pt") as f:
+            files[quantize] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    assert files["int8"] == files["none"] and files["none"]
+
+
+def test_quant_int8_without_the_package_is_a_clear_error(tmp_path, manifest, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, training.QUANT_PACKAGE, None)  # as if not installed: find_spec gives None
+    cfg = _int8_config(tmp_path)
+    with pytest.raises(UserError, match=r"acceleration.quantize_base: int8 needs the torchao package") as e:
+        training.train(cfg, tmp_path / "run", manifest)
+    assert "pip install torchao" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        (
+            {"model": {"training_mode": "full"}, **INT8},
+            "acceleration.quantize_base: int8 needs model.training_mode: lora",
+        ),
+        (
+            {"acceleration": {"quantize_base": "int8"}, "training": {"enable_gradient_checkpointing": False}},
+            "acceleration.quantize_base: int8 needs training.enable_gradient_checkpointing: true",
+        ),
+    ],
+)
+def test_quant_settings_that_cannot_work_are_config_errors(tmp_path, sections, message):
+    from ltxv_tuner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make_config(tmp_path, **sections)
 
 
 def test_offload_encoders_is_gone_from_the_schema(tmp_path):

@@ -18,7 +18,9 @@ RUN_PREFIX = "run_"
 
 
 def quiet_libraries() -> None:
-    """diffusers/transformers warn at every load about things users cannot act on (dtype casts of tiny parts)."""
+    """diffusers/transformers warn at every load about things users cannot act on (dtype casts of tiny parts);
+    torchao (optional, imported by diffusers when installed) warns about CUDA kernels it cannot load on a CPU."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         from diffusers.utils import logging as dlog
 

@@ -262,19 +262,53 @@ def _lora_base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+QUANT_PACKAGE = "torchao"  # optional: only acceleration.quantize_base: int8 needs it
+
+
 def check_acceleration(cfg: Config) -> None:
-    """Refuse acceleration options that are not implemented yet, before any work (never silently ignored)."""
+    """Refuse acceleration options that are not implemented or cannot run here, before any work (never silently
+    ignored)."""
+    import importlib.util
+
     a = cfg.acceleration
-    if a.quantize_base != "none":
+    if a.quantize_base == "fp8":
         raise UserError(
-            f"acceleration.quantize_base: {a.quantize_base} is not available yet (quantized frozen base weights "
-            "are not implemented); use none (and training.enable_gradient_checkpointing, adamw8bit for less memory)"
+            "acceleration.quantize_base: fp8 is not available yet (fp8 base weights are not implemented and need a "
+            f"CUDA GPU); use none, or int8 (pip install {QUANT_PACKAGE})"
+        )
+    if a.quantize_base == "int8" and importlib.util.find_spec(QUANT_PACKAGE) is None:
+        raise UserError(
+            f"acceleration.quantize_base: int8 needs the {QUANT_PACKAGE} package, which is not installed "
+            f"(venv/bin/pip install {QUANT_PACKAGE}, or set acceleration.quantize_base: none)"
         )
     if a.block_swap:
         raise UserError(
             f"acceleration.block_swap: {a.block_swap} is not available yet (swapping blocks between CPU and GPU is "
             "not implemented); use 0"
         )
+
+
+def quantize_base_int8(transformer: torch.nn.Module, device: torch.device) -> int:
+    """Replace the weights of the Linear layers inside the transformer blocks by int8 (per output row, symmetric,
+    weight-only: activations and the matmul stay in the compute dtype). The blocks hold nearly all weights; the
+    small input/output projections and embeddings stay as they are. Each layer moves to `device` just before it
+    is quantized, so a base loaded on the CPU never sits on the GPU in bf16 as a whole. Deterministic: the same
+    base weights give the same int8 weights (resume relies on it). Returns the number of quantized weights."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as e:
+        raise UserError(
+            f"acceleration.quantize_base: int8 needs a {QUANT_PACKAGE} with Int8WeightOnlyConfig ({e}); "
+            f"venv/bin/pip install -U {QUANT_PACKAGE}"
+        ) from None
+
+    def in_block(module: torch.nn.Module, name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and name.startswith("transformer_blocks.")
+
+    n = sum(m.weight.numel() for name, m in transformer.named_modules() if in_block(m, name))
+    # set_inductor_config=False: leave torch.compile's global settings alone
+    quantize_(transformer, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=in_block, device=device)
+    return n
 
 
 def enable_tf32(device: torch.device) -> None:
@@ -298,14 +332,20 @@ def prepare_transformer(
     device = torch.device(device)
     check_acceleration(cfg)
     enable_tf32(device)
+    int8 = cfg.model.training_mode == "lora" and cfg.acceleration.quantize_base == "int8"
     if transformer is None:
-        transformer = models.load_transformer(cfg.model, dtype=_lora_base_dtype(cfg, device), device=device)
+        # int8: load on the CPU; quantize_base_int8 moves the layers over one at a time
+        load_device = torch.device("cpu") if int8 else device
+        transformer = models.load_transformer(cfg.model, dtype=_lora_base_dtype(cfg, device), device=load_device)
     else:
         dtype = _lora_base_dtype(cfg, device)
         transformer = transformer.to(device)
         if transformer.dtype != dtype:
             transformer = transformer.to(dtype)
     transformer.requires_grad_(False)
+    if int8:
+        n = quantize_base_int8(transformer, device)
+        log.info("acceleration.quantize_base: int8: %.3g M block weights stored as int8", n / 1e6)
     torch.manual_seed(cfg.seed)  # LoRA A init (and anything else random at setup) follows the run's seed
     if cfg.model.training_mode == "lora":
         from peft import LoraConfig
@@ -319,7 +359,11 @@ def prepare_transformer(
             init_lora_weights=True,
         )
         try:
-            transformer.add_adapter(peft_cfg)
+            with warnings.catch_warnings():
+                # peft's LoRA on torchao weights warns that merging into the int8 base needs a re-quantization
+                # recipe; training never merges (the LoRA is exported on its own).
+                warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass", category=UserWarning)
+                transformer.add_adapter(peft_cfg)
         except ValueError as e:
             raise UserError(
                 f"lora.target_modules: {lora.target_modules} match no module of the transformer ({e}); "
