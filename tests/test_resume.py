@@ -180,3 +180,23 @@ def test_a_partly_copied_or_damaged_checkpoint_is_refused_with_the_fix(tmp_path:
     msg = str(e.value)
     assert "optimizer.bin is damaged" in msg and "scheduler.bin is missing" in msg
     assert "trainable.safetensors is damaged" in msg and "delete that step folder" in msg
+
+
+def test_quant_int8_two_plus_two_steps_equal_four_straight(tmp_path, manifest):
+    """The int8 base is quantized again from the same base weights at resume (deterministic), and the state holds
+    only the adapter: a resumed int8 run continues bit for bit."""
+    pytest.importorskip("torchao")
+    int8 = {
+        "acceleration": {"quantize_base": "int8"},
+        "training": {"enable_gradient_checkpointing": True},
+        "checkpoints": {"interval": 2},
+    }
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    training.train(_cfg(tmp_path, 4, **int8), straight, manifest)
+    training.train(_cfg(tmp_path, 2, **int8), resumed, manifest)
+    result = training.train(_cfg(tmp_path, 4, **int8), resumed, manifest, resume_from=resumed)
+    assert result.final_step == 4
+    a = trainable_from_checkpoint(straight / "checkpoints" / "step_000004")
+    _assert_same_weights(a, trainable_from_checkpoint(resumed / "checkpoints" / "step_000004"))
+    assert all(".lora_" in k for k in a)  # no base weights in the state
+    assert [r["loss"] for r in _metrics(straight)] == [r["loss"] for r in _metrics(resumed)]
