@@ -52,6 +52,22 @@ def test_two_process_cpu_run_end_to_end_then_resume(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+def test_quant_int8_two_process_run(tmp_path):
+    """DDP cannot broadcast torchao's int8 weights at start; they are left out of its sync (each process
+    quantizes the same base weights the same way)."""
+    pytest.importorskip("torchao")
+    manifest = make_cache(tmp_path / "data", clips_per_bucket=4)
+    cfg = make_config(
+        tmp_path,
+        training={"distributed": True, "num_processes": 2, "steps": 2, "enable_gradient_checkpointing": True},
+        acceleration={"quantize_base": "int8"},
+        checkpoints={"interval": 2},
+    )
+    result = training.train(cfg, tmp_path / "run", manifest)
+    assert result.final_step == 2 and result.final_loss is not None
+    assert all(torch.isfinite(t).all() for t in trainable_from_checkpoint(result.checkpoints[-1].parent).values())
+
+
 def test_accelerate_config_with_fsdp_is_refused_clearly(tmp_path):
     from ltxv_tuner.config import validate_config
     from ltxv_tuner.errors import UserError

@@ -320,6 +320,16 @@ def enable_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def _ddp_skip_int8_weights(transformer: torch.nn.Module) -> None:
+    """DDP broadcasts every parameter from process 0 when it wraps the model, and cannot broadcast torchao's int8
+    tensors. Nor does it need to: every process quantizes the same base weights to the same int8 weights."""
+    from torch.nn.parallel import DistributedDataParallel
+    from torchao.utils import TorchAOBaseTensor
+
+    names = [n for n, p in transformer.named_parameters() if isinstance(p, TorchAOBaseTensor)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, names)
+
+
 def prepare_transformer(
     cfg: Config, device: torch.device | str = "cpu", transformer: torch.nn.Module | None = None
 ) -> torch.nn.Module:
@@ -372,6 +382,8 @@ def prepare_transformer(
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        if int8:
+            _ddp_skip_int8_weights(transformer)
     else:
         transformer.requires_grad_(True)
     if cfg.training.enable_gradient_checkpointing:
