@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "src"))  # also runs from a checkout without `pip 
 
 from ltxv_tuner import models, tiny, training  # noqa: E402
 from ltxv_tuner.config import Config, load_config, validate_config  # noqa: E402
-from ltxv_tuner.errors import UserError  # noqa: E402
+from ltxv_tuner.errors import ConfigError, UserError  # noqa: E402
 
 LOW_VRAM_CONFIG = ROOT / "configs" / "low_vram_24gb.yaml"
 TEXT_TOKENS = 128  # preprocessing.max_text_length default: the cached prompt_embeds length
@@ -246,7 +246,11 @@ def run_row(accelerator, base: Config, args, tcfg, counts, dims, mode, ckpt, com
         "peak_alloc_GiB": None, "peak_reserved_GiB": None, "status": "ok", "loss": None, "optimizer_steps": None,
         "trainable_params": None,
     }  # fmt: skip
-    cfg = row_config(base, args.model, dims, mode, ckpt, compile_, args.rank)
+    try:
+        cfg = row_config(base, args.model, dims, mode, ckpt, compile_, args.rank)
+    except ConfigError as e:  # e.g. full mode with the low_vram preset's int8 base: the row says why
+        row["status"] = f"error: {'; '.join(e.problems)}"
+        return row
     row["rank"] = cfg.lora.rank if mode == "lora" else None
     flops = step_flops(tcfg, counts, tokens, TEXT_TOKENS, args.batch, mode)
     row["TFLOP/step"] = flops / 1e12
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help="tiny | LTXV_13B_097_DEV | LTXV_2B_0.9.6_DEV (any named version)")
     p.add_argument("--dims", default="768x768x97,512x512x49", help="comma-separated WIDTHxHEIGHTxFRAMES")
-    p.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
+    p.add_argument("--modes", default=None, help="comma-separated: lora, full (default both; low_vram: lora)")
     p.add_argument("--checkpointing", default=None, help="on,off (default); the low_vram preset: on")
     p.add_argument("--compile", default="off", help="acceleration.compile values to try: off, on or on,off")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per configuration")
@@ -343,7 +347,8 @@ def _run(args) -> int:
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         raise UserError("--steps and --batch must be >= 1, --warmup >= 0")
     dims_list = parse_dims(args.dims)
-    modes = parse_choices(args.modes, "--modes", ("lora", "full"))
+    modes_default = "lora" if args.preset == "low_vram" else "lora,full"  # its int8 base is for LoRA only
+    modes = parse_choices(args.modes or modes_default, "--modes", ("lora", "full"))
     ckpt_default = "on" if args.preset == "low_vram" else "on,off"
     ckpts = [v == "on" for v in parse_choices(args.checkpointing or ckpt_default, "--checkpointing", ("on", "off"))]
     compiles = [v == "on" for v in parse_choices(args.compile, "--compile", ("on", "off"))]
