@@ -4,7 +4,15 @@
 # (default 2.13.0); an existing torch (e.g. your CUDA build) is kept and protected from upgrades.
 #   CUDA build:  TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ./setup.sh
 #   system torch: USE_SYSTEM_SITE_PACKAGES=1 ./setup.sh   (venv sees the torch of your system python)
+#   optional features (int8 base weights, TensorBoard): ./setup.sh --extras
 set -euo pipefail
+extras=0
+for arg in "$@"; do
+    case "$arg" in
+        --extras) extras=1 ;;
+        *) echo "setup: unknown option $arg (known: --extras)"; exit 2 ;;
+    esac
+done
 cd "$(dirname "${BASH_SOURCE[0]}")"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 
@@ -38,5 +46,8 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 "$PY" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" >"$constraints"
 "$PY" -m pip install -r requirements.txt -c "$constraints"
+if [ "$extras" = "1" ]; then
+    "$PY" -m pip install -r requirements-extras.txt -c "$constraints"
+fi
 "$PY" -m pip install --no-deps -e .
 echo "setup: done. Next: ./train.sh configs/quickstart.yaml"

@@ -21,6 +21,8 @@ def quiet_libraries() -> None:
     """diffusers/transformers warn at every load about things users cannot act on (dtype casts of tiny parts);
     torchao (optional, imported by diffusers when installed) warns about CUDA kernels it cannot load on a CPU."""
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    # torchao registers enums with torch's pytree at import, which torch 2.13 logs as deprecated: not actionable.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         from diffusers.utils import logging as dlog
 
