@@ -257,3 +257,54 @@ def test_only_convert_picks_the_newest_run_with_a_checkpoint(quickstart_config: 
     assert r.returncode == 0, r.stderr
     (w,) = _weights(run)
     assert w.with_name(w.stem + "_comfy.safetensors").is_file()
+
+
+def _save_tiny_diffusers_folder(path: Path) -> Path:
+    """A diffusers-layout LTXV folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) of the tiny parts."""
+    from diffusers import LTXPipeline
+
+    from ltxv_tuner import tiny
+
+    LTXPipeline(
+        scheduler=tiny.build_ltxv_scheduler(),
+        vae=tiny.build_tiny_vae(),
+        text_encoder=tiny.build_tiny_text_encoder(),
+        tokenizer=tiny.build_tiny_tokenizer(),
+        transformer=tiny.build_tiny_transformer(),
+    ).save_pretrained(str(path))
+    return path
+
+
+def test_diffusers_folder_then_own_full_finetune_as_base(quickstart_config: Path, tmp_path: Path):
+    """Real loading paths end to end: a local diffusers folder as the base, then the full fine-tune this tool wrote
+    (a transformer-only single file) as the base of a LoRA run, with VAE and T5 taken from the folder."""
+    folder = _save_tiny_diffusers_folder(tmp_path / "ltxv_folder")
+    out = tmp_path / "outputs"
+    r = run_cli(
+        str(quickstart_config),
+        f"model.model_source={folder}",
+        "model.training_mode=full",
+        "training.steps=2",
+        "checkpoints.interval=null",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    (full_run,) = _runs(out)
+    (full,) = _weights(full_run)
+    assert full.name == "ltxv_transformer_step_000002.safetensors"
+
+    r = run_cli(
+        str(quickstart_config),
+        f"model.model_source={full}",
+        f"model.vae={folder}",
+        f"model.text_encoder={folder}",
+        "training.steps=2",
+        "checkpoints.interval=null",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "reuse" in r.stdout  # same VAE and text encoder as before: the cache is shared
+    lora_run = next(p for p in _runs(out) if p != full_run)
+    (lora,) = _weights(lora_run)
+    twin = lora.with_name(lora.stem + "_comfy.safetensors")
+    assert twin.is_file() and all(k.startswith("diffusion_model.") for k in _keys(twin))
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["ltxv_tuner.base_model"] == str(full)

@@ -190,9 +190,16 @@ def full_state_dict(transformer: torch.nn.Module, dtype: torch.dtype = torch.flo
     return {keys.strip_compile_prefix(k): _to_save(v, dtype) for k, v in model.state_dict().items()}
 
 
+TRANSFORMER_CONFIG_KEY = f"{META_PREFIX}transformer_config"
+
+
 def save_full(path: str | Path, transformer: torch.nn.Module, cfg, step: int) -> Path:
     """Write the full fine-tuned transformer (diffusers names) to `path` (a .safetensors file, or a folder)."""
     target = _target(path, full_filename(step))
     tensors = full_state_dict(transformer, save_dtype(cfg))
     meta = {"format": "pt", **training_metadata(cfg, step), f"{META_PREFIX}key_format": "diffusers"}
+    # The architecture travels with the weights, so the file loads as a model_source whatever its size (the
+    # shipped configs cover only the released 13B/2B). Own key: a base file's Lightricks "config" stays intact.
+    config = {k: v for k, v in dict(unwrap_model(transformer).config).items() if not k.startswith("_")}
+    meta[TRANSFORMER_CONFIG_KEY] = json.dumps(config, sort_keys=True, default=list)
     return write_safetensors(target, tensors, meta)

@@ -423,6 +423,16 @@ def _candidates(sub: str, first: Path | None, dirs: tuple[str, ...], extra: dict
 
 
 def _metadata_transformer_config(header: _Header) -> dict | None:
+    from .export import TRANSFORMER_CONFIG_KEY
+
+    own = header.metadata.get(TRANSFORMER_CONFIG_KEY)  # written by export.save_full: the full diffusers config
+    if own:
+        try:
+            config = json.loads(own)
+        except json.JSONDecodeError:
+            config = None
+        if isinstance(config, dict):
+            return {**_load_config_dir(MODEL_CONFIGS / "ltxv-2b-0.9.5", "transformer"), **config}
     meta = header.config_section("transformer")
     fields = {k: meta[k] for k in _META_TRANSFORMER_FIELDS if isinstance(meta.get(k), int)}
     if not fields:
