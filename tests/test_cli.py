@@ -308,3 +308,40 @@ def test_diffusers_folder_then_own_full_finetune_as_base(quickstart_config: Path
     assert twin.is_file() and all(k.startswith("diffusion_model.") for k in _keys(twin))
     with safe_open(str(lora), "pt") as f:
         assert f.metadata()["ltxv_tuner.base_model"] == str(full)
+
+
+def test_named_version_from_the_hf_cache_end_to_end(quickstart_config: Path, tmp_path: Path):
+    """`model_source: LTXV_2B_0.9.5` as a user writes it, served offline from a Hugging Face cache laid out as
+    huggingface_hub writes it: the Lightricks single file (transformer + 0.9.5 VAE, original key layout) and the
+    repo's text_encoder/ + tokenizer/. All three stages run through the real download/loading code."""
+    from test_models import _metadata, _populate_hub_cache, _small_vae, _write_single_file
+
+    from ltxv_tuner import tiny
+
+    vae = _small_vae()
+    single = _write_single_file(
+        tmp_path / "ltx-video-2b-v0.9.5.safetensors",
+        tiny.build_tiny_transformer(),
+        vae,
+        _metadata(vae, tiny.TINY_TRANSFORMER_CONFIG),
+    )
+    folder = _save_tiny_diffusers_folder(tmp_path / "repo_parts")
+    files = {"ltx-video-2b-v0.9.5.safetensors": single}
+    for sub in ("text_encoder", "tokenizer"):
+        files |= {f"{sub}/{p.name}": p for p in (folder / sub).iterdir()}
+    hf_home = tmp_path / "hf_home"
+    _populate_hub_cache(hf_home / "hub", "Lightricks/LTX-Video", files)
+
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    r = run_cli(str(quickstart_config), "model.model_source=LTXV_2B_0.9.5", "training.steps=2", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = _runs(tmp_path / "outputs")
+    weights = _weights(run)
+    assert weights and all(w.with_name(w.stem + "_comfy.safetensors").is_file() for w in weights)
+    with safe_open(str(weights[-1]), "pt") as f:
+        assert f.metadata()["ltxv_tuner.base_model"] == "LTXV_2B_0.9.5"
+
+    # The same name with an empty cache and no network: one line naming what it tried to get.
+    r = run_cli(str(quickstart_config), "model.model_source=LTXV_2B_0.9.5", env={**env, "HF_HOME": str(tmp_path / "x")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "ltx-video-2b-v0.9.5.safetensors" in r.stderr and "Lightricks/LTX-Video" in r.stderr
