@@ -10,7 +10,6 @@ never leaves half a weight file under the final name.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from . import PROJECT_NAME, __version__, keys
-from .cache import give_usual_mode
+from .cache import atomic_write
 from .errors import UserError
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,17 +55,11 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
     if bad:
         raise TypeError(f"safetensors metadata values must be str, got {bad}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        give_usual_mode(tmp)  # safetensors writes 0600; ComfyUI may run as another user
-        os.replace(tmp, path)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    try:  # same temp-file/mode/rename mechanism as the cache: ComfyUI may run as another user
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     except (OSError, SafetensorError) as e:  # no permission, a file where a folder should be, disk full
         raise UserError(f"{path}: cannot write it ({e}); pick a writable folder with free space") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

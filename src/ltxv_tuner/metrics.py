@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import _atomic_write
+from .cache import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
@@ -41,7 +41,7 @@ def append_metrics(path: Path, rows: list[dict]) -> None:
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep only steps <= last_step: on resume, the steps after the checkpoint are trained again."""
     rows = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -106,5 +106,5 @@ def draw_loss_curve(rows: list[dict], path: Path, size: tuple[int, int] = (800, 
     else:
         x, y = raw[0]
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 80, 200))
-    _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
     return path
