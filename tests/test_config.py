@@ -169,12 +169,12 @@ def test_missing_config_file(tmp_path: Path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_readme_config_reference_matches_schema():
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("<!-- config-reference:start -->") + len("<!-- config-reference:start -->")
-    end = readme.index("<!-- config-reference:end -->")
-    assert readme[start:end].strip() == config_reference_markdown().strip(), (
-        "README config reference is stale: regenerate with `python scripts/update_readme_config.py`"
+def test_config_reference_matches_schema():
+    doc = (REPO / "docs" / "CONFIG.md").read_text()
+    start = doc.index("<!-- config-reference:start -->") + len("<!-- config-reference:start -->")
+    end = doc.index("<!-- config-reference:end -->")
+    assert doc[start:end].strip() == config_reference_markdown().strip(), (
+        "docs/CONFIG.md config reference is stale: regenerate with `python scripts/update_config_reference.py`"
     )
 
 
