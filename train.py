@@ -3,7 +3,7 @@
 
     python train.py configs/quickstart.yaml [key=value ...] [--only preprocess|train|convert] [--resume latest]
 
-See README.md for the config reference. All the work lives in src/ltxv_tuner/.
+See docs/CONFIG.md for the config reference. All the work lives in src/ltxv_tuner/.
 """
 
 import sys

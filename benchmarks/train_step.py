@@ -48,9 +48,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # also runs from a checkout without `pip install -e .`
 
-from ltxv_tuner import models, tiny, training  # noqa: E402
+from ltxv_tuner import dataset, preflight, training  # noqa: E402
 from ltxv_tuner.config import Config, load_config, validate_config  # noqa: E402
 from ltxv_tuner.errors import ConfigError, UserError  # noqa: E402
+from ltxv_tuner.models import ltxv as models  # noqa: E402
+from ltxv_tuner.models import ltxv_tiny as tiny  # noqa: E402
 
 LOW_VRAM_CONFIG = ROOT / "configs" / "low_vram_24gb.yaml"
 TEXT_TOKENS = 128  # preprocessing.max_text_length default: the cached prompt_embeds length
@@ -190,23 +192,17 @@ def time_configuration(
 ) -> dict:
     """Build, prepare and train for warmup + steps optimizer steps; returns timing and memory."""
     device = accelerator.device
+    preflight.check_acceleration(cfg)  # e.g. fp8: the row says why instead of timing something else
     transformer = training.prepare_transformer(cfg, device, transformer=build_transformer(model, device))
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = training.build_optimizer(params, cfg, device)
     lr_scheduler = training.build_lr_scheduler(optimizer, cfg)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
 
-    def one_step(step: int) -> torch.Tensor:  # the body of _fit's loop with one micro-batch
-        batch = training.batch_to_device(host_batch, device)
-        generator = torch.Generator(device).manual_seed(training.step_seed(cfg.seed, step, 0, 0))
-        loss = training.training_step(transformer, batch, generator, cfg)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, max_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+    def one_step(step: int) -> torch.Tensor:  # the training loop's own step, one micro-batch
+        batch = dataset.batch_to_device(host_batch, device)  # the copy the loop makes of each batch it reads
+        loss, _ = training.optimizer_step(accelerator, transformer, optimizer, lr_scheduler, params, [batch], step, cfg)
+        return loss
 
     for step in range(warmup):
         one_step(step)
@@ -303,7 +299,7 @@ def format_row(row: dict) -> str:
 
 
 def make_accelerator(cfg: Config, device: torch.device):
-    """As training._make_accelerator, but on the device asked for (a CPU run on a GPU machine stays on the CPU)."""
+    """As training.make_accelerator, but on the device asked for (a CPU run on a GPU machine stays on the CPU)."""
     from accelerate import Accelerator
 
     mixed = training.resolve_mixed_precision(cfg, device.type == "cuda")

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from ltxv_tuner import models, preflight, tiny
+from ltxv_tuner import preflight
 from ltxv_tuner.errors import UserError
+from ltxv_tuner.models import ltxv as models
+from ltxv_tuner.models import ltxv_tiny as tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "train_step.py"
@@ -46,7 +48,7 @@ def test_cpu_tiny_run_prints_one_row_per_configuration(tmp_path):
     tcfg = dict(tiny.TINY_TRANSFORMER_CONFIG)
     lora_params = preflight._lora_params(tcfg, 128, ["to_k", "to_q", "to_v", "to_out.0"])
     assert rows[0]["rank"] == 128 and rows[0]["trainable_params"] == lora_params
-    assert rows[2]["trainable_params"] == preflight.count_params(tcfg)  # full: every weight trains
+    assert rows[2]["trainable_params"] == models.count_params(tcfg)  # full: every weight trains
     assert rows[2]["TFLOP/step"] > rows[0]["TFLOP/step"]
 
     lines = proc.stdout.splitlines()

@@ -263,10 +263,11 @@ def _save_tiny_diffusers_folder(path: Path) -> Path:
     """A diffusers-layout LTXV folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) of the tiny parts."""
     from diffusers import LTXPipeline
 
-    from ltxv_tuner import tiny
+    from ltxv_tuner.models import ltxv as models
+    from ltxv_tuner.models import ltxv_tiny as tiny
 
     LTXPipeline(
-        scheduler=tiny.build_ltxv_scheduler(),
+        scheduler=models.build_scheduler(),
         vae=tiny.build_tiny_vae(),
         text_encoder=tiny.build_tiny_text_encoder(),
         tokenizer=tiny.build_tiny_tokenizer(),
@@ -316,7 +317,7 @@ def test_named_version_from_the_hf_cache_end_to_end(quickstart_config: Path, tmp
     repo's text_encoder/ + tokenizer/. All three stages run through the real download/loading code."""
     from test_models import _metadata, _populate_hub_cache, _small_vae, _write_single_file
 
-    from ltxv_tuner import tiny
+    from ltxv_tuner.models import ltxv_tiny as tiny
 
     vae = _small_vae()
     single = _write_single_file(

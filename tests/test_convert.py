@@ -13,9 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_export import lora_transformer
 
-from ltxv_tuner import convert, export, tiny
+from ltxv_tuner import convert, export
 from ltxv_tuner.config import validate_config
 from ltxv_tuner.errors import UserError
+from ltxv_tuner.models import ltxv as models
+from ltxv_tuner.models import ltxv_tiny as tiny
 
 ATTN = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -216,7 +218,7 @@ def run_transformer(t):
 @pytest.fixture(scope="module")
 def pipeline_parts():
     return dict(
-        scheduler=tiny.build_ltxv_scheduler(),
+        scheduler=models.build_scheduler(),
         vae=tiny.build_tiny_vae(),
         text_encoder=tiny.build_tiny_text_encoder(),
         tokenizer=tiny.build_tiny_tokenizer(),
@@ -321,7 +323,7 @@ def test_full_twin_carries_base_config_metadata(tmp_path):
 
 
 def test_convert_run_carries_base_metadata_for_full_checkpoints(tmp_path, monkeypatch):
-    from ltxv_tuner import models
+    from ltxv_tuner.models import ltxv as models
 
     cfg = make_cfg(mode="full")
     run = tmp_path / "run"

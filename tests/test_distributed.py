@@ -8,16 +8,16 @@ import pytest
 import torch
 from test_training import make_cache, make_config, trainable_from_checkpoint
 
-from ltxv_tuner import training
+from ltxv_tuner import launch
 
 
 def test_launch_command_for_two_cpu_processes(tmp_path):
     cfg = make_config(tmp_path, training={"distributed": True, "num_processes": 2})
-    cmd = training.launch_command(cfg, tmp_path / "run", tmp_path / "m.json", None)
+    cmd = launch.launch_command(cfg, tmp_path / "run", tmp_path / "m.json", None)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "2"
     assert cmd[cmd.index("--config") + 1] == str(tmp_path / "run" / "config.yaml")
-    assert "ltxv_tuner.training" in cmd
+    assert "ltxv_tuner.launch" in cmd
 
 
 def test_two_process_cpu_run_end_to_end_then_resume(tmp_path):
@@ -26,7 +26,7 @@ def test_two_process_cpu_run_end_to_end_then_resume(tmp_path):
         tmp_path, training={"distributed": True, "num_processes": 2, "steps": 4}, checkpoints={"interval": 2}
     )
     run = tmp_path / "run"
-    result = training.train(cfg, run, manifest)
+    result = launch.train(cfg, run, manifest)
 
     assert result.final_step == 4
     assert [p.parent.name for p in result.checkpoints] == ["step_000002", "step_000004"]
@@ -46,7 +46,7 @@ def test_two_process_cpu_run_end_to_end_then_resume(tmp_path):
         tmp_path, training={"distributed": True, "num_processes": 2, "steps": 6}, checkpoints={"interval": 2}
     )
     (run / "config.yaml").write_text(more.to_yaml())  # what the pipeline does before a resume
-    resumed = training.train(more, run, manifest, resume_from=run)
+    resumed = launch.train(more, run, manifest, resume_from=run)
     assert resumed.final_step == 6
     rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -63,7 +63,7 @@ def test_quant_int8_two_process_run(tmp_path):
         acceleration={"quantize_base": "int8"},
         checkpoints={"interval": 2},
     )
-    result = training.train(cfg, tmp_path / "run", manifest)
+    result = launch.train(cfg, tmp_path / "run", manifest)
     assert result.final_step == 2 and result.final_loss is not None
     assert all(torch.isfinite(t).all() for t in trainable_from_checkpoint(result.checkpoints[-1].parent).values())
 
@@ -71,7 +71,7 @@ def test_quant_int8_two_process_run(tmp_path):
 def test_accelerate_config_with_fsdp_is_refused_clearly(tmp_path):
     from ltxv_tuner.config import validate_config
     from ltxv_tuner.errors import UserError
-    from ltxv_tuner.training import launch_command
+    from ltxv_tuner.launch import launch_command
 
     acc = tmp_path / "fsdp.yaml"
     acc.write_text("distributed_type: FSDP\nnum_processes: 2\n")
@@ -89,8 +89,8 @@ def test_worker_exits_quietly_on_ctrl_c(monkeypatch, tmp_path, capsys):
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "load_config", lambda path: None)
-    monkeypatch.setattr(training, "_train_in_process", interrupted)
+    monkeypatch.setattr(launch, "load_config", lambda path: None)
+    monkeypatch.setattr(launch.training, "train", interrupted)
     args = ["--config", "c.yaml", "--run-dir", str(tmp_path), "--manifest", "m.json"]
-    assert training.main(args) == 130
+    assert launch.main(args) == 130
     assert "Traceback" not in capsys.readouterr().err

@@ -9,9 +9,10 @@ import torch
 from peft import LoraConfig
 from safetensors import safe_open
 
-from ltxv_tuner import PROJECT_NAME, __version__, export, tiny
+from ltxv_tuner import PROJECT_NAME, __version__, export
 from ltxv_tuner.config import validate_config
 from ltxv_tuner.errors import UserError
+from ltxv_tuner.models import ltxv_tiny as tiny
 
 BUCKETS = [[128, 96, 17], [64, 64, 9]]
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ltxv_tuner.config import validate_config
-from ltxv_tuner.models import transformer_config
-from ltxv_tuner.preflight import count_params, estimate_memory, report, sequence_length
+from ltxv_tuner.models.ltxv import count_params, sequence_length, transformer_config
+from ltxv_tuner.preflight import estimate_memory, report
 
 
 def _cfg(**training):

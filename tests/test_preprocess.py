@@ -18,10 +18,10 @@ import videogen as vg
 from safetensors.torch import save_file
 from videogen import make_clip, make_dataset
 
-from ltxv_tuner import models
 from ltxv_tuner.cache import Manifest, cache_root, condition_path, latent_path, load_tensors, read_header
 from ltxv_tuner.config import validate_config
 from ltxv_tuner.errors import UserError
+from ltxv_tuner.models import ltxv as models
 from ltxv_tuner.preprocess import find_manifest, run_preprocess
 from ltxv_tuner.video import probe_video
 
@@ -145,7 +145,7 @@ def test_manifest_is_json_with_settings(tmp_path: Path):
     folder = make_dataset(tmp_path / "d", n=1)
     data = json.loads(run_preprocess(make_cfg(folder)).read_text())
     assert data["settings"]["buckets"] == BUCKETS
-    assert data["settings"]["vae"] == data["settings"]["text_encoder"] == "tiny-v1"
+    assert data["settings"]["vae"] == data["settings"]["text_encoder"] == "tiny-v2"
     assert set(data["sources"]) == {"clip0.mp4", "clip0.txt"}
 
 

@@ -136,7 +136,7 @@ def test_sigkill_after_a_checkpoint_then_resume_loses_nothing(tmp_path, manifest
     run = tmp_path / "killed"
     run.mkdir()
     (run / "config.yaml").write_text(cfg_long.to_yaml())
-    cmd = [sys.executable, "-m", "ltxv_tuner.training", "--config", str(run / "config.yaml")]
+    cmd = [sys.executable, "-m", "ltxv_tuner.launch", "--config", str(run / "config.yaml")]
     cmd += ["--run-dir", str(run), "--manifest", str(manifest)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -10,9 +10,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ltxv_tuner import cache, training
+from ltxv_tuner import cache, checkpoints, training
 from ltxv_tuner.config import validate_config
+from ltxv_tuner.dataset import BatchOrder, CachedDataset, batch_to_device, epoch_batches, step_batches
 from ltxv_tuner.errors import UserError
+from ltxv_tuner.models import ltxv
+from ltxv_tuner.preflight import QUANT_PACKAGE
+from ltxv_tuner.strategies.flow_matching import flow_matching_loss, sample_sigmas
+from ltxv_tuner.strategies.text_to_video import first_frame_mask
 
 TEXT_LEN = 8
 
@@ -76,20 +81,28 @@ def test_pack_latents_token_order_matches_ltx_pipeline():
     from diffusers import LTXPipeline
 
     x = torch.randn(2, 128, 3, 2, 4)
-    assert torch.equal(training.pack_latents(x), LTXPipeline._pack_latents(x, 1, 1))
+    assert torch.equal(ltxv.pack_latents(x), LTXPipeline._pack_latents(x, 1, 1))
 
 
 def test_timestep_shift_is_linear_between_ltxv_anchor_points():
-    assert training.timestep_shift(1024) == pytest.approx(0.95)
-    assert training.timestep_shift(4096) == pytest.approx(2.05)
-    assert training.timestep_shift(2560) == pytest.approx(1.5)
+    assert ltxv.scheduler_shift(1024) == pytest.approx(0.95)
+    assert ltxv.scheduler_shift(4096) == pytest.approx(2.05)
+    assert ltxv.scheduler_shift(2560) == pytest.approx(1.5)
+
+
+def test_timestep_shift_equals_the_pre_recut_formula_in_float32():
+    """The shift now comes from diffusers' calculate_shift; in float32 (where the sigmas are drawn) it equals
+    the formula training used before for every sequence length, so runs are unchanged bit for bit."""
+    old = [0.95 + (n - 1024) * (2.05 - 0.95) / (4096 - 1024) for n in range(1, 40_000)]
+    new = [ltxv.scheduler_shift(n) for n in range(1, 40_000)]
+    assert torch.equal(torch.tensor(old, dtype=torch.float32), torch.tensor(new, dtype=torch.float32))
 
 
 def test_sigmas_shift_towards_noise_for_long_sequences():
     g = torch.Generator().manual_seed(0)
-    short = training.sample_sigmas(4000, 64, g)
-    long = training.sample_sigmas(4000, 8192, g)
-    flat = training.sample_sigmas(4000, 8192, g, shift=False)
+    short = sample_sigmas(4000, ltxv.scheduler_shift(64), g)
+    long = sample_sigmas(4000, ltxv.scheduler_shift(8192), g)
+    flat = sample_sigmas(4000, 0.0, g)
     assert ((short > 0) & (short < 1)).all()
     assert long.mean() > short.mean() + 0.2
     assert abs(flat.mean().item() - 0.5) < 0.03  # no shift: symmetric logit-normal
@@ -97,25 +110,51 @@ def test_sigmas_shift_towards_noise_for_long_sequences():
 
 def test_first_frame_mask_covers_only_first_latent_frame_of_chosen_samples():
     g = torch.Generator().manual_seed(0)
-    mask = training.first_frame_mask(6, tokens_per_frame=4, seq_len=12, p=1.0, generator=g)
+    mask = first_frame_mask(6, tokens_per_frame=4, seq_len=12, p=1.0, generator=g)
     assert mask[:, :4].all() and not mask[:, 4:].any()
-    assert not training.first_frame_mask(6, 4, 12, p=0.0, generator=g).any()
+    assert not first_frame_mask(6, 4, 12, p=0.0, generator=g).any()
 
 
 def test_loss_ignores_masked_tokens():
     pred, target = torch.zeros(1, 3, 2), torch.ones(1, 3, 2)
     target[0, 0] = 100.0
     keep = torch.tensor([[False, True, True]])
-    assert training.flow_matching_loss(pred, target, keep).item() == pytest.approx(1.0)
+    assert flow_matching_loss(pred, target, keep).item() == pytest.approx(1.0)
 
 
 def test_epoch_batches_are_bucket_pure_and_cover_every_sample_once():
     groups = [[0, 1, 2, 3, 4], [5, 6, 7]]
-    batches = training.epoch_batches(groups, batch_size=2, seed=3, epoch=0)
+    batches = epoch_batches(groups, batch_size=2, seed=3, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert all(set(b) <= set(groups[0]) or set(b) <= set(groups[1]) for b in batches)
-    assert batches == training.epoch_batches(groups, 2, seed=3, epoch=0)
-    assert batches != training.epoch_batches(groups, 2, seed=3, epoch=1)
+    assert batches == epoch_batches(groups, 2, seed=3, epoch=0)
+    assert batches != epoch_batches(groups, 2, seed=3, epoch=1)
+
+
+def _ids(batches) -> list[list[list[float]]]:
+    """Each step's micro-batches, identified by their latents (first value of each clip)."""
+    return [[b["latents"][:, 0, 0, 0, 0].tolist() for b in micro] for micro in batches]
+
+
+@pytest.mark.parametrize("accum, world, rank", [(1, 1, 0), (2, 1, 0), (2, 2, 1)])
+def test_loader_yields_the_batch_order_positions_and_resumes_mid_way(tmp_path, accum, world, rank):
+    """The DataLoader reads exactly BatchOrder.at(position + micro * world + rank) per step, in a worker process
+    or in this one alike, and a loader started at a later step and data position continues the same stream."""
+    manifest = make_cache(tmp_path / "data", buckets=((64, 64, 9), (96, 64, 9)), clips_per_bucket=3)
+    cfg = make_config(tmp_path, buckets=((64, 64, 9), (96, 64, 9)), training={"batch_size": 2})
+    data = CachedDataset(manifest, cfg)
+    order = BatchOrder(data.bucket_groups(), 2, seed=5)
+    cpu = torch.device("cpu")
+    inline = _ids(step_batches(data, order, 0, 0, 6, accum, rank, world, cpu, workers=0))
+    ahead = _ids(step_batches(data, order, 0, 0, 6, accum, rank, world, cpu, workers=1))
+    expected = [
+        [[data[order.at(s * accum * world + m * world + rank)]["latents"][i, 0, 0, 0, 0].item()
+          for i in range(len(order.at(s * accum * world + m * world + rank)))] for m in range(accum)]
+        for s in range(6)
+    ]  # fmt: skip
+    assert inline == ahead == expected
+    resumed = _ids(step_batches(data, order, 3 * accum * world, 3, 6, accum, rank, world, cpu, workers=0))
+    assert resumed == inline[3:]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,8 +179,7 @@ def test_prepare_transformer_rejects_unknown_target_modules(tmp_path):
 def test_training_step_gives_finite_loss_and_gradients(tmp_path, manifest, p):
     cfg = make_config(tmp_path, training={"first_frame_conditioning_p": p})
     tr = training.prepare_transformer(cfg)
-    data = training.CachedDataset(manifest, cfg)
-    batch = data.load_batch([0, 1], torch.device("cpu"))
+    batch = CachedDataset(manifest, cfg)[[0, 1]]
     loss = training.training_step(tr, batch, torch.Generator().manual_seed(0), cfg)
     loss.backward()
     assert math.isfinite(loss.item())
@@ -152,7 +190,7 @@ def test_training_step_gives_finite_loss_and_gradients(tmp_path, manifest, p):
 def test_dataset_refuses_a_cache_made_for_other_buckets(tmp_path, manifest):
     cfg = make_config(tmp_path, buckets=((96, 64, 9),))
     with pytest.raises(UserError, match="resolution_buckets"):
-        training.CachedDataset(manifest, cfg)
+        CachedDataset(manifest, cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,7 +230,7 @@ def test_training_changes_only_trainable_weights_and_they_move(tmp_path, manifes
     cfg = make_config(tmp_path, training={"steps": 2}, checkpoints={"interval": None})
     training.train(cfg, tmp_path / "run", manifest)
     trained = trainable_from_checkpoint(tmp_path / "run" / "checkpoints" / "step_000002")
-    init = training.trainable_state_dict(training.prepare_transformer(cfg))
+    init = checkpoints.trainable_state_dict(training.prepare_transformer(cfg))
     assert trained.keys() == init.keys()
     assert any(not torch.equal(trained[k], init[k]) for k in init)
 
@@ -287,7 +325,7 @@ def test_tiny_lora_overfits_one_clip(tmp_path):
 
 
 def test_prepare_transformer_takes_an_already_built_transformer(tmp_path):
-    from ltxv_tuner import tiny
+    from ltxv_tuner.models import ltxv_tiny as tiny
 
     built = tiny.build_tiny_transformer()
     before = built.proj_in.weight.detach().clone()
@@ -334,7 +372,7 @@ def test_quant_int8_stores_block_weights_as_int8_and_trains_the_adapter(tmp_path
     blocks = {n: w for n, w in base.items() if n.startswith("transformer_blocks.")}
     assert blocks and all(isinstance(w, Int8Tensor) and w.qdata.dtype == torch.int8 for w in blocks.values())
     assert not any(isinstance(w, Int8Tensor) for n, w in base.items() if n not in blocks)  # proj_in/out, embeddings
-    trainable = training.trainable_state_dict(tr)
+    trainable = checkpoints.trainable_state_dict(tr)
     assert trainable and all(".lora_" in n and v.dtype == torch.float32 for n, v in trainable.items())
 
     result = training.train(cfg, tmp_path / "run", manifest)
@@ -359,7 +397,7 @@ def test_quant_int8_lora_output_and_gradients_are_close_to_unquantized(tmp_path,
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         hook = tr.register_forward_hook(lambda m, a, out, q=quantize: outputs.__setitem__(q, out[0].detach()))
-        batch = training.CachedDataset(manifest, cfg).load_batch([0, 1], torch.device("cpu"))
+        batch = batch_to_device(CachedDataset(manifest, cfg)[[0, 1]], torch.device("cpu"))
         training.training_step(tr, batch, torch.Generator().manual_seed(0), cfg).backward()
         hook.remove()
         grads[quantize] = {n: p.grad for n, p in tr.named_parameters() if p.requires_grad}
@@ -386,7 +424,7 @@ def test_quant_int8_exported_lora_has_the_same_keys_and_shapes(tmp_path, manifes
 def test_quant_int8_without_the_package_is_a_clear_error(tmp_path, manifest, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, training.QUANT_PACKAGE, None)  # as if not installed: find_spec gives None
+    monkeypatch.setitem(sys.modules, QUANT_PACKAGE, None)  # as if not installed: find_spec gives None
     cfg = _int8_config(tmp_path)
     with pytest.raises(UserError, match=r"acceleration.quantize_base: int8 needs the torchao package") as e:
         training.train(cfg, tmp_path / "run", manifest)
@@ -443,7 +481,7 @@ def test_compile_compiles_each_block_and_matches_eager(tmp_path, manifest):
         )
         tr = training.prepare_transformer(cfg)
         assert all((b._compiled_call_impl is not None) == compile_ for b in tr.transformer_blocks)
-        batch = training.CachedDataset(manifest, cfg).load_batch([0, 1], torch.device("cpu"))
+        batch = batch_to_device(CachedDataset(manifest, cfg)[[0, 1]], torch.device("cpu"))
         training.training_step(tr, batch, torch.Generator().manual_seed(0), cfg).backward()
         grads[compile_] = {n: p.grad for n, p in tr.named_parameters() if p.requires_grad}  # names: no _orig_mod.
     assert grads[True].keys() == grads[False].keys()

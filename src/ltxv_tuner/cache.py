@@ -129,10 +129,6 @@ def read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
         raise CacheFileError(f"{path}: {e}") from None
 
 
-def tensor_shapes(path: Path) -> dict[str, list[int]]:
-    return read_header(path)[0]
-
-
 STALE_TEMP_AGE_S = 15 * 60
 
 

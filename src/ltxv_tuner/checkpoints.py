@@ -1,5 +1,8 @@
-"""Checkpoint folders of a run: names, finding the newest complete one, pruning, resume compatibility.
+"""The run-folder contract, one owner: run folders, step naming, weight files, checkpoint state save/load,
+resume and convert targets, pruning.
 
+<output_dir>/run_YYYYMMDD_HHMMSS/
+    config.yaml  logs/  validation/step_000250/  checkpoints/step_000250/
 <run_dir>/checkpoints/step_000250/
     ltxv_lora_step_000250.safetensors | ltxv_transformer_step_000250.safetensors   (exported weights)
     state/                      accelerate save_state (optimizer, scheduler, RNG) + trainable.safetensors
@@ -12,15 +15,22 @@ whole: a run killed while saving leaves only a temp folder, which is ignored and
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import zipfile
+from datetime import datetime
 from pathlib import Path
 
+from .cache import CacheFileError, load_tensors, read_header, save_tensors_atomic, write_json_atomic
 from .errors import UserError
 
+RUN_PREFIX = "run_"
 CHECKPOINTS_DIR = "checkpoints"
+VALIDATION_DIR = "validation"
+LOGS_DIR = "logs"
 STATE_DIR = "state"
+COMFY_SUFFIX = "_comfy"  # <weights>_comfy.safetensors: the ComfyUI twin convert writes beside each weight file
 TRAINING_STATE_FILE = "training_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -54,9 +64,17 @@ def temp_checkpoint_dir(run_dir: Path, step: int) -> Path:
     return checkpoints_root(run_dir) / f"{_TMP_PREFIX}{step:06d}"
 
 
+def validation_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / VALIDATION_DIR / step_dir_name(step)
+
+
 def weights_file_name(training_mode: str, step: int) -> str:
     kind = "lora" if training_mode == "lora" else "transformer"
-    return f"ltxv_{kind}_step_{step:06d}.safetensors"
+    return f"ltxv_{kind}_{step_dir_name(step)}.safetensors"
+
+
+def twin_path(weights: Path) -> Path:
+    return weights.with_name(weights.stem + COMFY_SUFFIX + ".safetensors")
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -85,7 +103,22 @@ def weight_files(run_dir: Path) -> list[Path]:
     """Exported weight files of the run's complete checkpoints, oldest first (no ComfyUI twins, no state/)."""
     files = []
     for _, ckpt in list_checkpoints(run_dir):
-        files += sorted(p for p in ckpt.glob("ltxv_*_step_*.safetensors") if not p.stem.endswith("_comfy"))
+        files += sorted(p for p in ckpt.glob("ltxv_*_step_*.safetensors") if not p.stem.endswith(COMFY_SUFFIX))
+    return files
+
+
+def convertible_files(run_dir: Path) -> list[Path]:
+    """Every .safetensors file under the run's checkpoints/ that convert may read: never under state/, never a
+    ComfyUI twin, never in a hidden folder (a checkpoint is built in .tmp_step_N/ and renamed when complete)."""
+    root = checkpoints_root(run_dir)
+    files = []
+    for path in sorted(root.rglob("*.safetensors")):
+        rel = path.relative_to(root)
+        if STATE_DIR in rel.parts[:-1] or any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.stem.endswith(COMFY_SUFFIX) or not path.is_file():
+            continue
+        files.append(path)
     return files
 
 
@@ -158,17 +191,17 @@ def resume_differences(saved_config: dict, current_config: dict) -> list[str]:
 
 def check_state_files(ckpt: Path) -> None:
     """A step folder copied or synced only in part (or damaged on disk) is refused with the fix, before loading."""
-    from .cache import CacheFileError, read_header
+    from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
 
     state = ckpt / STATE_DIR
     problems = []
-    for name in ("optimizer.bin", "scheduler.bin"):  # torch.save zip archives
+    for name in (f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin"):  # torch.save zip archives
         if not (state / name).is_file():
             problems.append(f"{name} is missing")
         elif not zipfile.is_zipfile(state / name):
             problems.append(f"{name} is damaged (not a complete torch file)")
-    if not (state / "random_states_0.pkl").is_file():
-        problems.append("random_states_0.pkl is missing")
+    if not (state / f"{RNG_STATE_NAME}_0.pkl").is_file():
+        problems.append(f"{RNG_STATE_NAME}_0.pkl is missing")
     try:
         read_header(state / TRAINABLE_FILE)
     except CacheFileError:
@@ -190,4 +223,169 @@ def check_resume_compatible(ckpt: Path, current_config: dict) -> dict:
             f"resume: {ckpt} was trained with other settings ({'; '.join(diffs)}); "
             "resume with the original values or start a new run without --resume"
         )
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folders
+
+
+def _output_dir_error(output_dir: Path, why: str) -> UserError:
+    return UserError(
+        f"output_dir: cannot create run folders in {output_dir} ({why}); set output_dir to a writable folder"
+    )
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Before any preprocessing: output_dir (or its nearest existing parent) must be a writable folder."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _output_dir_error(output_dir, f"{existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _output_dir_error(output_dir, f"{existing} is not writable")
+
+
+def new_run_dir(output_dir: Path) -> Path:
+    """A new run_YYYYMMDD_HHMMSS/ folder with its checkpoints/, validation/ and logs/."""
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    for i in range(1000):
+        path = output_dir / f"{RUN_PREFIX}{stamp}{'' if i == 0 else f'_{i}'}"
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            continue
+        except OSError as e:  # a file in the way, no permission, read-only file system
+            raise _output_dir_error(output_dir, e.strerror or type(e).__name__) from None
+        for sub in (CHECKPOINTS_DIR, VALIDATION_DIR, LOGS_DIR):
+            (path / sub).mkdir(exist_ok=True)
+        return path
+    raise UserError(f"output_dir {output_dir}: could not create a new run folder")
+
+
+def list_runs(output_dir: Path) -> list[Path]:
+    if not output_dir.is_dir():
+        return []
+    return sorted(p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(RUN_PREFIX))
+
+
+def has_checkpoint(run: Path) -> bool:
+    """Any step folder at all (complete or not): what `latest` and `--only convert` look for."""
+    root = checkpoints_root(run)
+    return root.is_dir() and any(p.is_dir() and p.name.startswith("step_") for p in root.iterdir())
+
+
+def resolve_resume_run(resume: str, output_dir: Path) -> Path:
+    """`latest` = the newest run under output_dir that has a checkpoint; otherwise a run folder that must exist."""
+    if resume == "latest":
+        runs = [r for r in list_runs(output_dir) if has_checkpoint(r)]
+        if not runs:
+            raise UserError(
+                f"--resume latest: no run with a checkpoint under {output_dir}/ "
+                "(start without --resume, or pass a run folder)"
+            )
+        return runs[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume {resume}: no such run folder (pass outputs/run_YYYYMMDD_HHMMSS or 'latest')")
+    if not checkpoints_root(path).is_dir():
+        raise UserError(f"--resume {resume}: not a run folder (it has no checkpoints/ folder)")
+    return path
+
+
+def resolve_convert_target(run_dir: str | None, output_dir: Path) -> Path:
+    """The run `--only convert` works on: the one named, or the newest with a checkpoint."""
+    if run_dir:
+        path = Path(run_dir)
+        if not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else "no such folder"
+            raise UserError(f"--run-dir {run_dir}: {what} (pass a run folder, e.g. outputs/run_YYYYMMDD_HHMMSS)")
+    else:
+        runs = [r for r in list_runs(output_dir) if has_checkpoint(r)]
+        if not runs:
+            raise UserError(f"--only convert: no run with a checkpoint under {output_dir}/ (pass --run-dir PATH)")
+        path = runs[-1]
+    # Checked here, before the run log is attached: a wrong folder must not get a logs/ folder written into it.
+    if not checkpoints_root(path).is_dir():
+        raise UserError(f"{path}: no checkpoints/ folder; pass a run folder (outputs/run_YYYYMMDD_HHMMSS)")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading the training state (through accelerate save_state/load_state)
+
+
+def _unwrap(model):
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
+def trainable_state_dict(model) -> dict:
+    return {n: p.detach() for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model, path: Path) -> None:
+    import torch
+
+    saved = load_tensors(path)
+    params = dict(_unwrap(model).named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != wanted:
+        missing, extra = sorted(wanted - set(saved)), sorted(set(saved) - wanted)
+        raise UserError(
+            f"{path}: trained weights do not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "resume with the config the run was started with"
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor.to(params[name].device))
+
+
+def register_state_hooks(accelerator) -> None:
+    """accelerate save_state/load_state carry only the trainable weights (not the frozen 13B base) as fp32."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_tensors_atomic(Path(output_dir) / TRAINABLE_FILE, trainable_state_dict(models[0]))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        load_trainable_state_dict(models.pop(), Path(input_dir) / TRAINABLE_FILE)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, write_weights, keep_last_n: int) -> Path:
+    """Build checkpoints/.tmp_step_N/ (weights + full state) and rename it to step_N/ when complete.
+    `write_weights(folder)` writes the exported weight file (main process only); `state` is the JSON training
+    state (step, data position, config). Returns the final folder."""
+    import logging
+
+    tmp, final = temp_checkpoint_dir(run_dir, step), checkpoint_dir(run_dir, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / STATE_DIR))
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
+    if accelerator.is_main_process:
+        write_weights(tmp)
+        write_json_atomic(tmp / STATE_DIR / TRAINING_STATE_FILE, state)
+        if final.exists():  # only when a run is re-trained over its own later steps; the new one wins
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        removed = prune_checkpoints(run_dir, keep_last_n)
+        pruned = f" (pruned {', '.join(p.name for p in removed)})" if removed else ""
+        logging.getLogger("ltxv_tuner.checkpoints").info("checkpoint %s%s", final, pruned)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, ckpt: Path, current_config: dict) -> dict:
+    """Restore weights, optimizer, LR scheduler and RNG states; returns the training state (step, position)."""
+    state = check_resume_compatible(ckpt, current_config)
+    accelerator.load_state(str(ckpt / STATE_DIR))
     return state

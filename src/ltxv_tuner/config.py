@@ -1,6 +1,6 @@
 """The typed schema of the unified YAML: load, apply dotted overrides, validate, report every problem at once.
 
-Every field carries its default and description here; the README's config reference is generated from
+Every field carries its default and description here; the config reference (docs/CONFIG.md) is generated from
 these descriptions (`python -m ltxv_tuner.config --markdown`), so the two cannot drift apart.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -104,6 +104,19 @@ class ModelConfig(_Section):
         "Default: the T5 of the LTXV repo (downloaded once).",
     )
     vae: str | None = Field(None, description="Local VAE (single file or folder). Default: the model's own VAE.")
+    _source: tuple = PrivateAttr(default=(None, None))
+
+    @property
+    def source(self):
+        """`model_source` resolved (once per value) into a typed `models.ModelSource`: kind, family, path or
+        repo file. Resolving reads no weights and downloads nothing; unknown names and missing paths raise."""
+        text, resolved = self._source
+        if text != self.model_source:
+            from .models.sources import resolve
+
+            resolved = resolve(self.model_source)
+            self._source = (self.model_source, resolved)
+        return resolved
 
 
 class LoraConfig(_Section):
@@ -353,7 +366,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return _dotted_key_fix(key), value
 
 
-def validate_config(raw: dict, source: str = "config") -> Config:
+def validate_config(raw: dict) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
@@ -412,11 +425,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
-    return validate_config(raw, str(path))
+    return validate_config(raw)
 
 
 # --------------------------------------------------------------------------------------------------
-# The README's config reference, generated from the schema
+# The config reference (docs/CONFIG.md), generated from the schema
 
 
 def config_reference_markdown() -> str:

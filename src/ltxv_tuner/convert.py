@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from . import export, keys
+from . import export
+from .checkpoints import COMFY_SUFFIX, checkpoints_root, convertible_files
 from .errors import UserError
+from .models import ltxv_keys as keys
 
-COMFY_SUFFIX = "_comfy"
 DIFFUSERS_SUFFIX = "_diffusers"
-STATE_DIR = "state"  # accelerate save_state folder: optimizer, RNG, ... never touched here
 KOHYA_PREFIX = "lora_unet_"
 
 # Top-level modules of the LTXV transformer, in each naming (used to tell an LTXV file from anything else).
@@ -375,29 +375,16 @@ def is_up_to_date(src: Path, twin: Path) -> bool:
     return twin.is_file() and twin.stat().st_mtime >= src.stat().st_mtime
 
 
-def weight_files(checkpoints_dir: Path) -> list[Path]:
-    """The .safetensors files convert may read: never under state/, never a _comfy twin, never in a hidden
-    folder (training builds a checkpoint in .tmp_step_N/ and renames it when complete)."""
-    files = []
-    for path in sorted(checkpoints_dir.rglob("*.safetensors")):
-        rel = path.relative_to(checkpoints_dir)
-        if STATE_DIR in rel.parts[:-1] or any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.stem.endswith(COMFY_SUFFIX) or not path.is_file():
-            continue
-        files.append(path)
-    return files
-
-
 def _run_base_metadata(run_dir: Path) -> dict[str, str] | None:
     """The base single file's metadata ("config"), read through the run's resolved config.yaml."""
-    from . import models
     from .config import load_config
+    from .models import family
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         return None
-    return models.base_checkpoint_metadata(load_config(cfg_path).model)
+    model_cfg = load_config(cfg_path).model
+    return family(model_cfg).base_checkpoint_metadata(model_cfg)
 
 
 def convert_run(run_dir: str | Path, save_dtype: str | None = None) -> list[Path]:
@@ -406,10 +393,10 @@ def convert_run(run_dir: str | Path, save_dtype: str | None = None) -> list[Path
     Returns the twins written by this call ([] when all are up to date). Files under state/ are never read.
     """
     run_dir = Path(run_dir)
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = checkpoints_root(run_dir)
     if not checkpoints.is_dir():
         raise UserError(f"{run_dir}: no checkpoints/ folder; pass a run folder (outputs/run_YYYYMMDD_HHMMSS)")
-    sources = weight_files(checkpoints)
+    sources = convertible_files(run_dir)
     if not sources:
         raise UserError(f"{checkpoints}: no .safetensors weight files to convert (outside state/)")
     written: list[Path] = []

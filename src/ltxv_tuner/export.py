@@ -17,9 +17,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from . import PROJECT_NAME, __version__, keys
+from . import PROJECT_NAME, __version__
 from .cache import atomic_write
+from .checkpoints import weights_file_name
 from .errors import UserError
+from .models import ltxv_keys as keys
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,18 +31,6 @@ META_PREFIX = "ltxv_tuner."
 MODELSPEC_ARCHITECTURE = "ltx-video"  # sai model spec; LoRAs get the spec's "/lora" suffix
 IMPLEMENTATION_DIFFUSERS = "diffusers"
 IMPLEMENTATION_ORIGINAL = "https://github.com/Lightricks/LTX-Video"  # ComfyUI uses Lightricks' naming
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def lora_filename(step: int) -> str:
-    return f"ltxv_lora_step_{step:06d}.safetensors"
-
-
-def full_filename(step: int) -> str:
-    return f"ltxv_transformer_step_{step:06d}.safetensors"
 
 
 def _target(path: str | Path, default_name: str) -> Path:
@@ -64,19 +54,10 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP/FSDP-style `.module` and torch.compile `._orig_mod` wrappers (what accelerate.unwrap_model does)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), torch.nn.Module) and type(model).__name__ in {
-            "DistributedDataParallel",
-            "DataParallel",
-            "FullyShardedDataParallel",
-            "DeepSpeedEngine",
-        }:
-            model = model.module
-        else:
-            return model
+    """The transformer inside DDP/FSDP and torch.compile wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def _to_save(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -162,7 +143,7 @@ def lora_state_dict(transformer: torch.nn.Module, dtype: torch.dtype = torch.flo
 
 def save_lora(path: str | Path, transformer: torch.nn.Module, cfg, step: int) -> Path:
     """Write the diffusers-format LoRA (alpha in metadata) to `path` (a .safetensors file, or a folder)."""
-    target = _target(path, lora_filename(step))
+    target = _target(path, weights_file_name("lora", step))
     model = unwrap_model(transformer)
     tensors = lora_state_dict(model, save_dtype(cfg))
     if not tensors:
@@ -188,7 +169,7 @@ TRANSFORMER_CONFIG_KEY = f"{META_PREFIX}transformer_config"
 
 def save_full(path: str | Path, transformer: torch.nn.Module, cfg, step: int) -> Path:
     """Write the full fine-tuned transformer (diffusers names) to `path` (a .safetensors file, or a folder)."""
-    target = _target(path, full_filename(step))
+    target = _target(path, weights_file_name("full", step))
     tensors = full_state_dict(transformer, save_dtype(cfg))
     meta = {"format": "pt", **training_metadata(cfg, step), f"{META_PREFIX}key_format": "diffusers"}
     # The architecture travels with the weights, so the file loads as a model_source whatever its size (the

@@ -1,27 +1,136 @@
-"""Before any work: sequence length per bucket and a rough peak-GPU-memory estimate for the chosen options.
+"""Every check made before any work, in one place: `check()` runs them in order and returns what the stages
+need (the resume target). A problem here costs seconds, not an encode or hours of training.
 
-The estimate is arithmetic on the transformer config (no weights are loaded): frozen/trainable weights,
-gradients, optimizer state, and activations per token per layer. The activation constants are rough
-(bf16, SDPA attention without an s^2 matrix) and say so in the printout; they err on the high side.
+Also the rough peak-GPU-memory estimate: arithmetic on the transformer config (no weights are loaded) for
+frozen/trainable weights, gradients, optimizer state and activations per token per layer. The activation
+constants are rough (bf16, SDPA attention without an s^2 matrix), say so in the printout and err high.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from . import checkpoints as ckpts
+from . import models
 from .config import Config
+from .errors import UserError
 
 log = logging.getLogger("ltxv_tuner")
 
 GIB = 1024**3
+QUANT_PACKAGE = "torchao"  # optional: only acceleration.quantize_base: int8 needs it
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
-def sequence_length(width: int, height: int, frames: int) -> int:
-    """Tokens the transformer sees for one clip: (W/32) * (H/32) * ((F-1)/8 + 1)."""
-    return (width // 32) * (height // 32) * ((frames - 1) // 8 + 1)
+@dataclass
+class ResumeTarget:
+    run_dir: Path
+    checkpoint: Path
+    step: int
+
+
+def check(cfg: Config, only: str | None = None, resume: str | None = None) -> ResumeTarget | None:
+    """All pre-work checks for a pipeline run (not `--only convert`, which needs none of them)."""
+    if resume and only == "preprocess":
+        raise UserError("--resume goes with training; drop it or drop --only preprocess")
+    check_acceleration(cfg)  # an option that cannot run should not cost an encode first
+    check_tracker(cfg)
+    if cfg.training.accelerate_config and Path(cfg.training.accelerate_config).is_file():
+        check_accelerate_config(Path(cfg.training.accelerate_config))
+    output_dir = Path(cfg.output_dir).expanduser()
+    if only != "preprocess" and not resume:
+        ckpts.check_output_dir(output_dir)
+    target = check_resume(resume, output_dir, cfg) if resume else None  # before an encode, too
+    if only != "preprocess" and cfg.validation.interval:
+        from .validation import load_images
+
+        load_images(cfg)  # a missing first-frame image must not surface only at the first validation, hours in
+    # The architecture from the config or a local file's header: a wrong file fails before any download or encode.
+    report(cfg, models.family(cfg.model).architecture(cfg.model))
+    warn_ineffective_settings(cfg)
+    return target
+
+
+def check_acceleration(cfg: Config) -> None:
+    """Refuse acceleration options that are not implemented or cannot run here, before any work (never silently
+    ignored)."""
+    a = cfg.acceleration
+    if a.quantize_base == "fp8":
+        raise UserError(
+            "acceleration.quantize_base: fp8 is not available yet (fp8 base weights are not implemented and need a "
+            f"CUDA GPU); use none, or int8 (pip install {QUANT_PACKAGE})"
+        )
+    if a.quantize_base == "int8" and importlib.util.find_spec(QUANT_PACKAGE) is None:
+        raise UserError(
+            f"acceleration.quantize_base: int8 needs the {QUANT_PACKAGE} package, which is not installed "
+            f"(venv/bin/pip install {QUANT_PACKAGE}, or set acceleration.quantize_base: none)"
+        )
+    if a.block_swap:
+        raise UserError(
+            f"acceleration.block_swap: {a.block_swap} is not available yet (swapping blocks between CPU and GPU is "
+            "not implemented); use 0"
+        )
+
+
+def check_tracker(cfg: Config) -> None:
+    """training.report_to needs its package; say so before any work rather than at the first log line."""
+    package = TRACKER_PACKAGES.get(cfg.training.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(
+            f"training.report_to: {cfg.training.report_to} needs the {package} package, which is not installed "
+            f"(venv/bin/pip install {package}, or set training.report_to: none)"
+        )
+
+
+def check_accelerate_config(path: Path) -> None:
+    """Multi-GPU / multi-node data parallel is what the checkpoint hooks support; say so for anything else."""
+    import yaml
+
+    try:
+        acc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"training.accelerate_config: {path} is not valid YAML ({e.__class__.__name__})") from None
+    kind = str(acc.get("distributed_type", "")).upper() if isinstance(acc, dict) else ""
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA", "TPU"):
+        raise UserError(
+            f"training.accelerate_config: {path} asks for distributed_type {kind}, which is not supported yet "
+            "(checkpoints and resume assume data parallel); use distributed_type: MULTI_GPU (also across machines)"
+        )
+
+
+def check_resume(resume: str, output_dir: Path, cfg: Config) -> ResumeTarget:
+    """The run folder and checkpoint to continue from; a missing or incompatible target is refused before anything
+    is touched."""
+    run_dir = ckpts.resolve_resume_run(resume, output_dir)
+    ckpt = ckpts.resolve_resume_checkpoint(run_dir)
+    done = ckpts.check_resume_compatible(ckpt, cfg.model_dump(mode="json")).get("step", 0)
+    if done > cfg.training.steps:  # else the run's config.yaml would claim fewer steps than it has
+        raise UserError(
+            f"--resume: {ckpt} is at step {done}, past training.steps={cfg.training.steps}; "
+            f"pass training.steps={done} (nothing more to train) or higher to train longer"
+        )
+    return ResumeTarget(run_dir, ckpt, done)
+
+
+def warn_ineffective_settings(cfg: Config) -> None:
+    """Settings that are valid but will not do what the user likely expects: say so before hours of work."""
+    t, v, c = cfg.training, cfg.validation, cfg.checkpoints
+    if v.interval is not None and v.interval > t.steps:
+        log.warning(
+            f"warning: validation.interval {v.interval} > training.steps {t.steps}: no validation video will be made "
+            f"(set validation.interval <= {t.steps})"
+        )
+    if c.interval is not None and c.interval > t.steps:
+        log.info(f"note: checkpoints.interval {c.interval} > training.steps {t.steps}: only the final checkpoint")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence length and memory estimate
 
 
 @dataclass
@@ -52,9 +161,23 @@ def _lora_params(tcfg: dict, rank: int, targets: list[str]) -> int:
     per_block = sum(rank * (i + o) for t in targets for i, o in shapes.get(t, []))
     return per_block * tcfg["num_layers"]
 
+    """LoRA parameter count for attention/feed-forward targets of every block (diffusers names)."""
+    inner = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    cross = tcfg["cross_attention_dim"]
+    shapes = {  # (in, out) of the Linear layers a LoRA usually targets, per block
+        "to_q": [(inner, inner), (inner, inner)],
+        "to_k": [(inner, inner), (cross, inner)],
+        "to_v": [(inner, inner), (cross, inner)],
+        "to_out.0": [(inner, inner), (inner, inner)],
+        "ff.net.0.proj": [(inner, 4 * inner)],
+        "ff.net.2": [(4 * inner, inner)],
+    }
+    per_block = sum(rank * (i + o) for t in targets for i, o in shapes.get(t, []))
+    return per_block * tcfg["num_layers"]
+
 
 def estimate_memory(cfg: Config, tcfg: dict, bucket: list[int], n_params: int) -> MemoryEstimate:
-    tokens = sequence_length(*bucket) * cfg.training.batch_size
+    tokens = models.family(cfg.model).sequence_length(*bucket) * cfg.training.batch_size
     h = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     layers = tcfg["num_layers"]
     bytes_w = {"none": 2, "int8": 1, "fp8": 1}[cfg.acceleration.quantize_base]
@@ -78,14 +201,6 @@ def estimate_memory(cfg: Config, tcfg: dict, bucket: list[int], n_params: int) -
     return MemoryEstimate(weights / GIB, trainable / GIB, act / GIB, tokens)
 
 
-def count_params(tcfg: dict) -> int:
-    from diffusers import LTXVideoTransformer3DModel
-
-    with torch.device("meta"):
-        model = LTXVideoTransformer3DModel(**{k: v for k, v in tcfg.items() if not k.startswith("_")})
-    return sum(p.numel() for p in model.parameters())
-
-
 def _size(gib: float) -> str:
     return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
 
@@ -93,10 +208,10 @@ def _size(gib: float) -> str:
 def report(cfg: Config, tcfg: dict | None) -> list[str]:
     """Log one line per bucket; warn when the estimate exceeds the visible GPU. Returns the lines."""
     lines = []
-    n_params = count_params(tcfg) if tcfg else None
+    n_params = models.family(cfg.model).count_params(tcfg) if tcfg else None
     gpu = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
     for bucket in cfg.dataset.resolution_buckets:
-        tokens = sequence_length(*bucket)
+        tokens = models.family(cfg.model).sequence_length(*bucket)
         line = f"preflight: bucket {bucket[0]}x{bucket[1]}x{bucket[2]}: {tokens} tokens"
         if n_params:
             est = estimate_memory(cfg, tcfg, bucket, n_params)

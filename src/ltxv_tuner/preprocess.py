@@ -9,7 +9,6 @@ all match it is returned without opening a video or loading a model.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import tempfile
@@ -22,7 +21,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import models
 from .cache import (
     CACHE_FORMAT_VERSION,
     CachedClip,
@@ -46,6 +44,7 @@ from .cache import (
 )
 from .data import CaptionError, ClipSource, Issue, choose_bucket, final_caption, read_caption, scan_folder
 from .errors import UserError
+from .models import family
 from .video import (
     DEFAULT_FPS,
     VideoError,
@@ -78,7 +77,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _settings(cfg, dtype: torch.dtype) -> dict:
     """Everything that decides the cache keys; its hash names the manifest. JSON-native (compared after a reload)."""
     ds, pp = cfg.dataset, cfg.dataset.preprocessing
-    ident = models.model_identity(cfg.model)
+    ident = family(cfg.model).model_identity(cfg.model)
     return {
         "buckets": [list(map(int, b)) for b in ds.resolution_buckets],
         "id_token": (ds.id_token or "").strip() or None,
@@ -232,7 +231,7 @@ class _Report:
     pruned: int = 0
 
 
-def _plan(cfg, folder: Path, root: Path, settings: dict, report: _Report) -> tuple[list[_Item], _SourceIndex]:
+def _plan(folder: Path, root: Path, settings: dict, report: _Report) -> tuple[list[_Item], _SourceIndex]:
     scan = scan_folder(folder)
     report.skipped += scan.skipped
     report.notes += scan.notes
@@ -277,18 +276,13 @@ def _plan(cfg, folder: Path, root: Path, settings: dict, report: _Report) -> tup
     return items, index
 
 
-def _expected_latent_hw(bucket: list[int]) -> list[int]:
-    w, h, f = bucket
-    return [(f - 1) // 8 + 1, h // 32, w // 32]
-
-
-def _check_latent(path: Path, bucket: list[int]) -> bool:
+def _check_latent(path: Path, bucket: list[int], fam) -> bool:
     try:
         shapes, _ = read_header(path)
     except CacheFileError:
         return False
     shape = shapes.get("latents")
-    return shape is not None and len(shape) == 4 and shape[1:] == _expected_latent_hw(bucket)
+    return shape is not None and len(shape) == 4 and shape[1:] == fam.latent_shape(*bucket)
 
 
 def _check_condition(path: Path, max_len: int) -> bool:
@@ -321,54 +315,38 @@ def _needed(paths: dict[str, Path], ok: Callable[[str, Path], bool], report: _Re
 
 def _release_memory() -> None:
     """After the caller dropped its model references: collect them now and hand GPU memory back."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    from diffusers.training_utils import free_memory
+
+    free_memory()
 
 
 @torch.inference_mode()
 def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, dtype: torch.dtype, report: _Report):
     max_len = cfg.dataset.preprocessing.max_text_length
     batch_size = cfg.dataset.preprocessing.batch_size
-    tokenizer, encoder = models.load_text_encoder(cfg.model, dtype=dtype, device=device)
+    fam = family(cfg.model)
+    tokenizer, encoder = fam.load_text_encoder(cfg.model, dtype=dtype, device=device)
     keys = list(captions)
     with tqdm(total=len(keys), desc="T5 captions", unit="caption") as bar:
         for i in range(0, len(keys), batch_size):
             batch = keys[i : i + batch_size]
             texts = [captions[k] for k in batch]
-            tok = tokenizer(
-                texts, padding="max_length", max_length=max_len, truncation=True, add_special_tokens=True,
-                return_tensors="pt",
-            )  # fmt: skip
-            # As LTXPipeline.encode_prompt: T5 runs without the mask; the mask is kept for the transformer.
-            embeds = encoder(tok.input_ids.to(device))[0]
+            embeds, masks = fam.encode_captions(tokenizer, encoder, texts, max_len, device)
             for j, key in enumerate(batch):
-                full_len = len(tokenizer(texts[j], add_special_tokens=True).input_ids)
+                full_len = fam.caption_token_count(tokenizer, texts[j])
                 if full_len > max_len:
                     report.notes.append(
                         Issue(texts[j][:40], f"caption truncated from {full_len} to {max_len} tokens (max_text_length)")
                     )
                 save_tensors_atomic(
                     condition_path(root, key),
-                    {"prompt_embeds": embeds[j].float(), "prompt_attention_mask": tok.attention_mask[j].long()},
+                    {"prompt_embeds": embeds[j].float(), "prompt_attention_mask": masks[j].long()},
                     metadata={"caption": texts[j][:2000], "format_version": str(CACHE_FORMAT_VERSION)},
                 )
                 report.conditions_encoded += 1
             bar.update(len(batch))
     del tokenizer, encoder
     _release_memory()
-
-
-def _normalize(latents: torch.Tensor, vae) -> torch.Tensor:
-    mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
-    std = vae.latents_std.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
-    return (latents - mean) * vae.config.scaling_factor / std
-
-
-def _denormalize(latents: torch.Tensor, vae) -> torch.Tensor:
-    mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
-    std = vae.latents_std.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
-    return latents * std / vae.config.scaling_factor + mean
 
 
 def _in_order(items: list, fn: Callable, workers: int) -> Iterator[tuple]:
@@ -405,7 +383,8 @@ def _encode_latents(
 ) -> dict[str, float]:
     """Encode one latent per item (items share no key). Returns fps per latent key; bad videos go to on_bad."""
     pp = cfg.dataset.preprocessing
-    vae = models.load_vae(cfg.model, dtype=dtype, device=device)
+    fam = family(cfg.model)
+    vae = fam.load_vae(cfg.model, dtype=dtype, device=device)
     if pp.vae_tiling:
         vae.enable_tiling()
     fps_by_key: dict[str, float] = {}
@@ -421,7 +400,7 @@ def _encode_latents(
 
     def flush(batch: list[tuple[_Item, torch.Tensor, float]]):
         x = torch.stack([frames_to_vae_input(frames) for _, frames, _ in batch]).to(device=device, dtype=dtype)
-        latents = _normalize(vae.encode(x).latent_dist.mode(), vae)
+        latents = fam.encode_video(vae, x)
         for (item, _, fps), lat in zip(batch, latents, strict=True):
             save_tensors_atomic(
                 latent_path(root, item.latent_key),
@@ -457,14 +436,12 @@ def _decode_previews(cfg, root: Path, clips: list[CachedClip], device: str, dtyp
     todo = {c.latent_key: c for c in clips if not decoded_path(root, c.latent_key).is_file()}
     if not todo:
         return
-    vae = models.load_vae(cfg.model, dtype=dtype, device=device)
+    fam = family(cfg.model)
+    vae = fam.load_vae(cfg.model, dtype=dtype, device=device)
     if cfg.dataset.preprocessing.vae_tiling:
         vae.enable_tiling()
     for key, clip in tqdm(todo.items(), desc="decode previews", unit="clip"):
-        z = _denormalize(load_tensors(latent_path(root, key))["latents"][None].to(device, dtype), vae)
-        temb = torch.zeros(1, device=device, dtype=dtype) if vae.config.timestep_conditioning else None
-        video = vae.decode(z, temb=temb).sample[0]
-        frames = video.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
+        frames = fam.decode_latents(vae, load_tensors(latent_path(root, key))["latents"][None].to(device, dtype))
         out = decoded_path(root, key)
         tmp = out.with_name(f".{out.stem}.part.mp4")  # written aside and renamed: no half mp4 under the final name
         write_video(tmp, frames, clip.fps)
@@ -596,43 +573,24 @@ def _check_cache_writable(root: Path, folder: Path) -> None:
         ) from None
 
 
-def run_preprocess(cfg) -> Path:
-    """Encode what is missing for the current config; return the manifest path. Prints what it did."""
-    t0 = time.perf_counter()
-    folder = _data_folder(cfg)
-    root = cache_root(folder)
-    device, dtype = _device_dtype()
-    settings = _jsonable(_settings(cfg, dtype))
-    mpath = manifest_path(root, hash_key(settings))
+def _reuse(cfg, mpath: Path, root: Path, settings: dict, sources: dict, t0: float) -> bool:
+    """The fast path: True when the manifest for these settings is complete and nothing it depends on changed."""
     pp = cfg.dataset.preprocessing
-
-    scan_files = scan_folder(folder).files
-    if not scan_files:
-        raise _no_clip_error(folder, [])
-    sources = _snapshot(folder, scan_files)
-
     manifest = _reusable(mpath, root, settings, sources, pp.decode_videos)
-    if manifest is not None:
-        if cfg.dataset.strict and manifest.skipped:
-            raise _strict_error([Issue(**s) for s in manifest.skipped])
-        pruned = _prune(root, manifest) if pp.prune else 0
-        n = len(manifest.clips)
-        extra = f", {len(manifest.skipped)} skipped" if manifest.skipped else ""
-        extra += f", pruned {pruned} file(s)" if pruned else ""
-        print(f"preprocess: cache reused, nothing to encode ({n} clip(s){extra}; {time.perf_counter() - t0:.2f} s)")
-        return mpath
+    if manifest is None:
+        return False
+    if cfg.dataset.strict and manifest.skipped:
+        raise _strict_error([Issue(**s) for s in manifest.skipped])
+    pruned = _prune(root, manifest) if pp.prune else 0
+    n = len(manifest.clips)
+    extra = f", {len(manifest.skipped)} skipped" if manifest.skipped else ""
+    extra += f", pruned {pruned} file(s)" if pruned else ""
+    print(f"preprocess: cache reused, nothing to encode ({n} clip(s){extra}; {time.perf_counter() - t0:.2f} s)")
+    return True
 
-    _check_cache_writable(root, folder)
-    remove_stale_temp_files(root)
-    report = _Report()
-    items, index = _plan(cfg, folder, root, settings, report)
-    if cfg.dataset.strict and report.skipped:
-        raise _strict_error(report.skipped)
-    if not items:
-        raise _no_clip_error(folder, report.skipped)
 
-    # Text first, then the VAE: only one model is in memory at a time.
-    max_len = pp.max_text_length
+def _missing_conditions(cfg, root: Path, items: list[_Item], device, dtype, report: _Report) -> None:
+    max_len = cfg.dataset.preprocessing.max_text_length
     cond_paths = {it.condition_key: condition_path(root, it.condition_key) for it in items}
     cond_todo = _needed(cond_paths, lambda k, p: _check_condition(p, max_len), report)
     report.conditions_reused = len(cond_paths) - len(cond_todo)
@@ -640,26 +598,34 @@ def run_preprocess(cfg) -> Path:
         captions = {it.condition_key: it.caption for it in items}
         _encode_conditions(cfg, root, {k: captions[k] for k in cond_todo}, device, dtype, report)
 
-    first_by_latent = {}
+
+def _missing_latents(cfg, root, items: list[_Item], index: _SourceIndex, device, dtype, report: _Report):
+    """Encode the latents not yet cached. Returns (latent key -> why its video could not be decoded,
+    latent key -> fps of the clips encoded now)."""
+    fam = family(cfg.model)
+    first_by_latent: dict[str, _Item] = {}
     for it in items:
         first_by_latent.setdefault(it.latent_key, it)
     lat_paths = {k: latent_path(root, k) for k in first_by_latent}
-    lat_todo = _needed(lat_paths, lambda k, p: _check_latent(p, first_by_latent[k].bucket), report)
+    lat_todo = _needed(lat_paths, lambda k, p: _check_latent(p, first_by_latent[k].bucket, fam), report)
     report.latents_reused = len(lat_paths) - len(lat_todo)
-    bad_reasons: dict[str, str] = {}  # latent key -> why its video could not be decoded
-    fps_by_key: dict[str, float] = {}
-    if lat_todo:
+    bad_reasons: dict[str, str] = {}
+    if not lat_todo:
+        return bad_reasons, {}
 
-        def on_bad(item: _Item, reason: str) -> None:
-            bad_reasons[item.latent_key] = reason
-            for other in items:  # identical files share the key: all of them failed
-                if other.latent_key == item.latent_key:
-                    index.mark_bad(other.src.rel, item.latent_key, reason)
+    def on_bad(item: _Item, reason: str) -> None:
+        bad_reasons[item.latent_key] = reason
+        for other in items:  # identical files share the key: all of them failed
+            if other.latent_key == item.latent_key:
+                index.mark_bad(other.src.rel, item.latent_key, reason)
 
-        fps_by_key = _encode_latents(cfg, root, [first_by_latent[k] for k in lat_todo], device, dtype, report, on_bad)
-        index.save()
+    fps_by_key = _encode_latents(cfg, root, [first_by_latent[k] for k in lat_todo], device, dtype, report, on_bad)
+    index.save()
+    return bad_reasons, fps_by_key
 
-    clips, skipped = [], list(report.skipped)
+
+def _cached_clips(root: Path, items: list[_Item], bad_reasons: dict, fps_by_key: dict, skipped: list[Issue]):
+    clips = []
     for it in items:
         if it.latent_key in bad_reasons:
             skipped.append(Issue(it.src.rel, bad_reasons[it.latent_key]))
@@ -677,18 +643,49 @@ def run_preprocess(cfg) -> Path:
                 latent_shape=shapes["latents"],
             )
         )
-    report.skipped = skipped
-    if cfg.dataset.strict and skipped:
-        raise _strict_error(skipped)
+    return clips
+
+
+def run_preprocess(cfg) -> Path:
+    """Encode what is missing for the current config; return the manifest path. Prints what it did."""
+    t0 = time.perf_counter()
+    folder = _data_folder(cfg)
+    root = cache_root(folder)
+    device, dtype = _device_dtype()
+    settings = _jsonable(_settings(cfg, dtype))
+    mpath = manifest_path(root, hash_key(settings))
+    pp = cfg.dataset.preprocessing
+    scan_files = scan_folder(folder).files
+    if not scan_files:
+        raise _no_clip_error(folder, [])
+    sources = _snapshot(folder, scan_files)
+    if _reuse(cfg, mpath, root, settings, sources, t0):
+        return mpath
+
+    _check_cache_writable(root, folder)
+    remove_stale_temp_files(root)
+    report = _Report()
+    items, index = _plan(folder, root, settings, report)
+    if cfg.dataset.strict and report.skipped:
+        raise _strict_error(report.skipped)
+    if not items:
+        raise _no_clip_error(folder, report.skipped)
+    # Text first, then the VAE: only one model is in memory at a time.
+    _missing_conditions(cfg, root, items, device, dtype, report)
+    bad_reasons, fps_by_key = _missing_latents(cfg, root, items, index, device, dtype, report)
+    report.skipped = list(report.skipped)
+    clips = _cached_clips(root, items, bad_reasons, fps_by_key, report.skipped)
+    if cfg.dataset.strict and report.skipped:
+        raise _strict_error(report.skipped)
     if not clips:
-        raise _no_clip_error(folder, skipped)
+        raise _no_clip_error(folder, report.skipped)
     if pp.decode_videos:
         _decode_previews(cfg, root, clips, device, dtype, report)
 
     manifest = Manifest(
         settings=settings,
         clips=clips,
-        skipped=[i.to_json() for i in skipped],
+        skipped=[i.to_json() for i in report.skipped],
         notes=[i.to_json() for i in report.notes],
         sources=sources,
         files=_manifest_files(root, clips, pp.decode_videos),

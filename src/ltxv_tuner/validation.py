@@ -16,17 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import validation_dir
 from .config import Config
 from .errors import UserError
+from .models import family
 
 log = logging.getLogger("ltxv_tuner.validation")
 
 VALIDATION_FPS = 24
 _PARTS: dict[str, tuple] = {}  # model config JSON -> (vae, tokenizer, text_encoder)
-
-
-def validation_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "validation" / f"step_{step:06d}"
 
 
 def _slug(text: str, words: int = 6) -> str:
@@ -54,23 +52,13 @@ def load_images(cfg: Config) -> list | None:
 
 
 def _parts(cfg: Config, dtype: torch.dtype):
-    from . import models
-
+    fam = family(cfg.model)
     key = f"{cfg.model.model_dump_json()}|{dtype}"
     if key not in _PARTS:
-        vae = models.load_vae(cfg.model, dtype=dtype)
-        tokenizer, text_encoder = models.load_text_encoder(cfg.model, dtype=dtype)
+        vae = fam.load_vae(cfg.model, dtype=dtype)
+        tokenizer, text_encoder = fam.load_text_encoder(cfg.model, dtype=dtype)
         _PARTS[key] = (vae.eval(), tokenizer, text_encoder.eval())
     return _PARTS[key]
-
-
-def _fix_compression_ratios(pipe) -> None:
-    """Every LTXV VAE compresses 32x in space and 8x in time. diffusers derives the ratios from the VAE config
-    (patch_size x 2^scaling stages), which over-counts for the 0.9.5-style blocks of small test VAEs."""
-    from diffusers.video_processor import VideoProcessor
-
-    pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio = 32, 8
-    pipe.video_processor = VideoProcessor(vae_scale_factor=32)
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int = VALIDATION_FPS) -> Path:
@@ -95,10 +83,6 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = VALIDATION_FPS) -> Path
 
 def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, step: int) -> list[Path]:
     """Render every validation prompt with `transformer` as it is now; returns the mp4 paths."""
-    from diffusers import LTXImageToVideoPipeline, LTXPipeline
-
-    from . import models
-
     v = cfg.validation
     if not v.prompts:
         return []
@@ -110,16 +94,9 @@ def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, ste
     vae.to(device)
     text_encoder.to(device)
     images = load_images(cfg)
-    pipe_cls = LTXImageToVideoPipeline if images is not None else LTXPipeline
-    pipe = pipe_cls(
-        scheduler=models.load_scheduler(cfg.model),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
+    pipe = family(cfg.model).validation_pipeline(
+        cfg.model, transformer, vae, tokenizer, text_encoder, image_to_video=images is not None
     )
-    _fix_compression_ratios(pipe)
-    pipe.set_progress_bar_config(disable=True)
     width, height, frames = v.video_dims
     steps = v.inference_steps
     if steps < 2:  # LTXV's scheduler (shift_terminal) divides by zero with a single step

@@ -194,11 +194,6 @@ def frames_to_vae_input(frames: torch.Tensor) -> torch.Tensor:
     return frames.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 
-def vae_output_to_frames(video: torch.Tensor) -> torch.Tensor:
-    """float [3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3]."""
-    return video.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
-
-
 def write_video(
     path: str | Path, frames: torch.Tensor | np.ndarray, fps: float, codec: str = "libx264", crf: int = 18
 ) -> None:

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-TINY_IDENTITY = "tiny-v1"
+TINY_IDENTITY = "tiny-v2"  # v2: token ids no longer depend on the process
 TINY_SEED = 1234
 TINY_TEXT_DIM = 32
 
@@ -39,8 +39,12 @@ def build_tiny_tokenizer():
         vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    # The trained Unigram model carries (piece, log-prob) pairs: exactly what T5Tokenizer takes.
-    vocab = [(piece, float(score)) for piece, score in json.loads(tok.to_str())["model"]["vocab"]]
+    # The trained Unigram model carries (piece, log-prob) pairs: exactly what T5Tokenizer takes. The trainer lists
+    # pieces of equal score in a different order in each process (a hash map inside), which would give the same
+    # caption other token ids in another process: order them by score, then by piece.
+    pairs = [(piece, float(score)) for piece, score in json.loads(tok.to_str())["model"]["vocab"]]
+    special = pairs[:3]  # <pad>, </s>, <unk> at ids 0, 1, 2 as trained
+    vocab = special + sorted(pairs[3:], key=lambda ps: (-ps[1], ps[0]))
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
@@ -105,16 +109,3 @@ def build_tiny_transformer():
 
     torch.manual_seed(TINY_SEED + 3)
     return LTXVideoTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
-
-
-def build_ltxv_scheduler(use_dynamic_shifting: bool = True):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=use_dynamic_shifting,
-        base_shift=0.95,
-        max_shift=2.05,
-        base_image_seq_len=1024,
-        max_image_seq_len=4096,
-        shift_terminal=0.1,
-    )

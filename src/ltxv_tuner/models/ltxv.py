@@ -1,0 +1,577 @@
+"""The LTXV 0.9.x model family: where its weights come from, and the few things the stages ask of a family.
+
+Sources (`models/sources.py` resolves `model.model_source` once):
+- a named version -> one single file of the Hugging Face repo `Lightricks/LTX-Video`, downloaded once into the
+  standard HF cache; the T5 text encoder comes from the same repo's text_encoder/ + tokenizer/;
+- a local `*.safetensors` single file in Lightricks' original layout (transformer under
+  `model.diffusion_model.`, VAE under `vae.`), or a transformer-only file (original or diffusers names);
+- a local diffusers folder (`transformer/`, `vae/`, optionally `text_encoder/`, `tokenizer/`, `scheduler/`);
+- `tiny`: the small random LTXV of `ltxv_tiny.py`.
+
+A single file never needs the network: the diffusers configs of every known architecture ship in
+`model_configs/`, and the one whose weight names and shapes match the file exactly is used. Weights are
+checked before anything is read (names and shapes from the safetensors header), so a file that is not an
+LTXV checkpoint, or of an unknown size, fails with one clear line instead of loading half-random weights.
+
+What the stages ask of a family (see `models/__init__.py`): load each component, its cheap identity for cache
+keys, encode video to normalised latents and captions to cached text features, pack latents into tokens and
+run the training forward, name keys for ComfyUI/original files, build the validation pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from . import hub, ltxv_tiny
+from .ltxv_keys import ORIGINAL_TRANSFORMER_PREFIX, original_to_diffusers, strip_compile_prefix
+from .single_file import Header, build_from_state, is_aux_key, lora_like, match, read_header, read_tensors
+from .sources import HF_REVISION, MODEL_CONFIGS, ModelSource, lookup_version, missing_path_error, named_versions
+from .sources import versions as _versions
+
+HF_REPO = "Lightricks/LTX-Video"
+# Where the default T5 text encoder + tokenizer come from (diffusers layout subfolders of the LTXV repo).
+TEXT_ENCODER_PATTERNS = ["text_encoder/*", "tokenizer/*"]
+
+# The transformer configs tried for a single file of unknown version, and the VAE configs (0.9.5 covers
+# 0.9.6 and 0.9.7: same VAE architecture).
+_TRANSFORMER_CONFIG_DIRS = ("ltxv-13b-0.9.7", "ltxv-2b-0.9.5")
+_VAE_CONFIG_DIRS = ("ltxv-2b-0.9.5", "ltxv-2b-0.9.1", "ltxv-2b-0.9.0")
+# Fields of a Lightricks metadata transformer config that mean the same in diffusers.
+_META_TRANSFORMER_FIELDS = (
+    "in_channels",
+    "out_channels",
+    "num_attention_heads",
+    "attention_head_dim",
+    "cross_attention_dim",
+    "num_layers",
+    "caption_channels",
+)
+
+
+def transformer_config(version_name: str) -> dict:
+    """The diffusers transformer config shipped for a named version (e.g. to build the 13B with random weights)."""
+    version = lookup_version(version_name)
+    if version is None:
+        raise UserError(f"unknown LTXV version {version_name!r} (known: {', '.join(named_versions())})")
+    cfg = json.loads((MODEL_CONFIGS / _versions()[version]["configs"] / "transformer" / "config.json").read_text())
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _single_file_path(src: ModelSource) -> Path:
+    if src.kind == "named":
+        return hub.hf_file(src.repo, src.filename)
+    return src.path
+
+
+def _not_ltxv_error(key: str, path: Path, part: str, shapes: dict) -> UserError:
+    if lora_like(shapes):
+        return UserError(
+            f"{key}: {path} is a LoRA file, not a base model (set model.model_source to the LTXV base checkpoint; "
+            "a LoRA cannot be the starting point)"
+        )
+    sample = ", ".join(sorted(shapes)[:3]) or "no tensors"
+    return UserError(
+        f"{key}: {path} holds no LTXV {part} weights (found e.g. {sample}); give an LTXV checkpoint such as "
+        "ltxv-13b-0.9.7-dev.safetensors, or a named version like LTXV_13B_097_DEV"
+    )
+
+
+# The transformer: names normalised here (keys.py renames), then matched against the shipped configs.
+
+_TRANSFORMER_PREFIXES = (ORIGINAL_TRANSFORMER_PREFIX, "diffusion_model.", "transformer.", "")
+
+
+def _transformer_names(header: Header) -> dict[str, str]:
+    """diffusers name -> name in the file, for the transformer part of a single file (any known naming)."""
+    keys = [k for k in header.shapes if not k.startswith("vae.") and not is_aux_key(k)]
+    for prefix in _TRANSFORMER_PREFIXES:
+        picked = [k for k in keys if k.startswith(prefix)]
+        if any(".transformer_blocks." in "." + k[len(prefix) :] for k in picked):
+            return {original_to_diffusers(strip_compile_prefix(k[len(prefix) :])): k for k in picked}
+    return {}
+
+
+def _describe_transformer(shapes: dict[str, tuple]) -> str:
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
+    width = shapes.get("proj_in.weight", (None,))[0]
+    return f"{len(blocks)} transformer blocks of width {width}"
+
+
+def _load_config_dir(config_dir: Path, sub: str) -> dict:
+    return json.loads((config_dir / sub / "config.json").read_text(encoding="utf-8"))
+
+
+def _candidates(sub: str, first: Path | None, dirs: tuple[str, ...], extra: dict | None) -> list[tuple[str, dict]]:
+    """(label, config) pairs to try, without duplicates: the version's own first, then the known ones."""
+    out: list[tuple[str, dict]] = []
+    for d in ([first] if first else []) + [MODEL_CONFIGS / d for d in dirs]:
+        cfg = _load_config_dir(d, sub)
+        if all(cfg != c for _, c in out):
+            out.append((d.name, cfg))
+    if extra and all(extra != c for _, c in out):
+        out.append(("the file's metadata config", extra))
+    return out
+
+
+def _metadata_transformer_config(header: Header) -> dict | None:
+    from ..export import TRANSFORMER_CONFIG_KEY
+
+    own = header.metadata.get(TRANSFORMER_CONFIG_KEY)  # written by export.save_full: the full diffusers config
+    if own:
+        try:
+            config = json.loads(own)
+        except json.JSONDecodeError:
+            config = None
+        if isinstance(config, dict):
+            return {**_load_config_dir(MODEL_CONFIGS / "ltxv-2b-0.9.5", "transformer"), **config}
+    meta = header.config_section("transformer")
+    fields = {k: meta[k] for k in _META_TRANSFORMER_FIELDS if isinstance(meta.get(k), int)}
+    if not fields:
+        return None
+    return {**_load_config_dir(MODEL_CONFIGS / "ltxv-2b-0.9.5", "transformer"), **fields}
+
+
+def _metadata_vae_config(header: Header) -> dict | None:
+    # Lightricks files describe their VAE in their own (CausalVideoAutoencoder) terms, which the shipped configs
+    # cover; a file may also carry a diffusers VAE config, which is then used as is.
+    meta = header.config_section("vae")
+    return dict(meta) if meta.get("_class_name") == "AutoencoderKLLTXVideo" else None
+
+
+def _match_single_file_transformer(path: Path, config_dir: Path | None):
+    """(header, {diffusers name: name in file}, transformer config) from the file's header alone; no weights read."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    header = read_header(path)
+    names = _transformer_names(header) if not lora_like(header.shapes) else {}
+    if not names:
+        raise _not_ltxv_error("model.model_source", path, "transformer", header.shapes)
+    found = {d: header.shapes[k] for d, k in names.items()}
+    candidates = _candidates("transformer", config_dir, _TRANSFORMER_CONFIG_DIRS, _metadata_transformer_config(header))
+    label, cfg = match(LTXVideoTransformer3DModel, candidates, found)
+    if label is None:
+        raise UserError(
+            f"model.model_source: the transformer in {path} ({_describe_transformer(found)}) matches no known LTXV "
+            f"architecture (13B 0.9.7: 48 blocks of 4096; 2B: 28 blocks of 2048; closest {cfg}); "
+            "use a diffusers folder with its own transformer/config.json for other sizes"
+        )
+    return header, names, cfg
+
+
+def local_transformer_config(model_cfg) -> dict | None:
+    """The transformer config of a local source, checked from file headers only (fast, no weights read), so a
+    wrong file fails before any download or encoding. None for `tiny` and named versions (known without files)."""
+    src = model_cfg.source
+    if src.kind == "diffusers":
+        return {k: v for k, v in _load_config_dir(src.path, "transformer").items() if not k.startswith("_")}
+    if src.kind == "single_file":
+        _, _, cfg = _match_single_file_transformer(_single_file_path(src), src.config_dir)
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return None
+
+
+def _load_single_file_transformer(path: Path, config_dir: Path | None, dtype, device):
+    from diffusers import LTXVideoTransformer3DModel
+
+    header, names, cfg = _match_single_file_transformer(path, config_dir)
+    tensors = read_tensors(header, list(names.values()), dtype, device)
+    state = {d: tensors[k] for d, k in names.items()}
+    return build_from_state(LTXVideoTransformer3DModel, cfg, state, dtype, device)
+
+
+# The VAE: diffusers' own key conversion for Lightricks' layout, checked on meta tensors first.
+
+
+def _vae_original_keys(header: Header, key: str) -> dict[str, str]:
+    """'vae.'-prefixed original name -> name in the file (a standalone VAE file may lack the prefix)."""
+    if any(k.startswith("vae.") for k in header.shapes):
+        return {k: k for k in header.shapes if k.startswith("vae.") and not is_aux_key(k)}
+    if "encoder.conv_in.conv.weight" in header.shapes and "decoder.conv_out.conv.weight" in header.shapes:
+        parts = ("encoder", "decoder", "per_channel_statistics")
+        return {f"vae.{k}": k for k in header.shapes if k.split(".")[0] in parts and not is_aux_key(k)}
+    if _transformer_names(header):
+        raise UserError(
+            f"{key}: {header.path} holds only a transformer, no VAE; set model.vae to an LTXV VAE (.safetensors file "
+            "or diffusers VAE folder), e.g. the single file of the base version it was trained from"
+        )
+    raise _not_ltxv_error(key, header.path, "VAE", header.shapes)
+
+
+def _convert_vae_state(state: dict) -> dict:
+    """Original (vae.-prefixed) names -> diffusers names; diffusers-named files pass through."""
+    from diffusers.loaders.single_file_utils import convert_ltx_vae_checkpoint_to_diffusers
+
+    if any(".resnets." in k for k in state):  # already diffusers names
+        return {k.removeprefix("vae."): v for k, v in state.items()}
+    if "vae.encoder.conv_out.conv.weight" not in state:
+        return {}
+    return convert_ltx_vae_checkpoint_to_diffusers(dict(state))
+
+
+def _load_single_file_vae(path: Path, config_dir: Path | None, dtype, device, key: str = "model.model_source"):
+    from diffusers import AutoencoderKLLTXVideo
+
+    header = read_header(path, key)
+    if lora_like(header.shapes):
+        raise _not_ltxv_error(key, path, "VAE", header.shapes)
+    names = _vae_original_keys(header, key)
+    meta = {o: torch.empty(header.shapes[k], device="meta") for o, k in names.items()}
+    found = {k: tuple(v.shape) for k, v in _convert_vae_state(meta).items()}
+    if not found:
+        raise _not_ltxv_error(key, path, "VAE", header.shapes)
+    candidates = _candidates("vae", config_dir, _VAE_CONFIG_DIRS, _metadata_vae_config(header))
+    label, cfg = match(AutoencoderKLLTXVideo, candidates, found)
+    if label is None:
+        raise UserError(
+            f"{key}: the VAE in {path} matches no known LTXV VAE (0.9.0, 0.9.1, 0.9.5+; closest {cfg}); "
+            "set model.vae to a diffusers VAE folder for other VAEs"
+        )
+    tensors = read_tensors(header, list(names.values()), dtype, device)
+    state = _convert_vae_state({o: tensors[k] for o, k in names.items()})
+    return build_from_state(AutoencoderKLLTXVideo, cfg, state, dtype, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public loaders
+
+
+def _diffusers_sub(folder: Path, sub: str, key: str) -> Path:
+    if not (folder / sub / "config.json").is_file():
+        raise UserError(f"{key}: {folder} has no {sub}/config.json (a diffusers LTXV folder needs {sub}/)")
+    return folder
+
+
+def load_transformer(model_cfg, dtype=torch.float32, device="cpu"):
+    src = model_cfg.source
+    if src.kind == "tiny":
+        return ltxv_tiny.build_tiny_transformer().to(device=device, dtype=dtype)
+    if src.kind == "diffusers":
+        from diffusers import LTXVideoTransformer3DModel
+
+        model = LTXVideoTransformer3DModel.from_pretrained(
+            str(src.path), subfolder="transformer", local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=True
+        )
+        return model.to(device)
+    return _load_single_file_transformer(_single_file_path(src), src.config_dir, dtype, device)
+
+
+def _load_vae_path(path: Path, dtype, device, key: str, config_dir: Path | None = None):
+    from diffusers import AutoencoderKLLTXVideo
+
+    if path.is_dir():
+        sub = "vae" if (path / "vae" / "config.json").is_file() else None
+        if sub is None and not (path / "config.json").is_file():
+            raise UserError(f"{key}: {path} has neither vae/config.json nor config.json (not a diffusers VAE folder)")
+        model = AutoencoderKLLTXVideo.from_pretrained(
+            str(path), subfolder=sub, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=True
+        )
+        return model.to(device)
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"{key}: {path} is not a .safetensors file or a diffusers VAE folder")
+    return _load_single_file_vae(path, config_dir, dtype, device, key)
+
+
+def _local_override(value: str, key: str, what: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise missing_path_error(key, path, what)
+    return path.resolve()
+
+
+def load_vae(model_cfg, dtype=torch.float32, device="cpu"):
+    if model_cfg.vae:
+        path = _local_override(model_cfg.vae, "model.vae", "a VAE .safetensors file or a diffusers VAE folder")
+        return _load_vae_path(path, dtype, device, "model.vae")
+    src = model_cfg.source
+    if src.kind == "tiny":
+        return ltxv_tiny.build_tiny_vae().to(device=device, dtype=dtype)
+    if src.kind == "diffusers":
+        key = "model.model_source"
+        return _load_vae_path(_diffusers_sub(src.path, "vae", key), dtype, device, key)
+    return _load_single_file_vae(_single_file_path(src), src.config_dir, dtype, device)
+
+
+def _text_encoder_dirs(folder: Path, key: str) -> tuple[Path, Path]:
+    """(tokenizer dir, encoder dir) of a folder with text_encoder/ + tokenizer/, or of a plain T5 folder."""
+    if (folder / "text_encoder" / "config.json").is_file():
+        tok = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder / "text_encoder"
+        return tok, folder / "text_encoder"
+    if (folder / "config.json").is_file():
+        return folder, folder
+    raise UserError(
+        f"{key}: {folder} is not a T5 folder (expected text_encoder/ + tokenizer/ subfolders, or config.json + "
+        "weights + tokenizer files)"
+    )
+
+
+def _text_encoder_source(model_cfg) -> tuple[str, Path | None]:
+    """('tiny', None) | ('local', folder) | ('hf', None) - where the T5 comes from."""
+    if model_cfg.text_encoder:
+        return "local", _local_override(
+            model_cfg.text_encoder, "model.text_encoder", "a T5 folder (text_encoder/ + tokenizer/)"
+        )
+    src = model_cfg.source
+    if src.kind == "tiny":
+        return "tiny", None
+    if src.kind == "diffusers" and (src.path / "text_encoder" / "config.json").is_file():
+        return "local", src.path
+    return "hf", None
+
+
+def load_text_encoder(model_cfg, dtype=torch.float32, device="cpu"):
+    kind, folder = _text_encoder_source(model_cfg)
+    if kind == "tiny":
+        return ltxv_tiny.build_tiny_tokenizer(), ltxv_tiny.build_tiny_text_encoder().to(device=device, dtype=dtype)
+    key = "model.text_encoder" if model_cfg.text_encoder else "model.model_source"
+    if kind == "hf":
+        folder = hub.hf_folder(
+            HF_REPO,
+            TEXT_ENCODER_PATTERNS,
+            lambda f: (f / "text_encoder" / "config.json").is_file() and (f / "tokenizer").is_dir(),
+            "the T5 text encoder (text_encoder/, tokenizer/)",
+            "model.text_encoder",
+        )
+    tok_dir, enc_dir = _text_encoder_dirs(folder, key)
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    try:
+        tokenizer = T5Tokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"{key}: cannot load the T5 tokenizer from {tok_dir} ({err})".splitlines()[0]) from None
+    encoder = T5EncoderModel.from_pretrained(str(enc_dir), local_files_only=True, dtype=dtype)
+    return tokenizer, encoder.to(device).eval()
+
+
+def load_scheduler(model_cfg):
+    src = model_cfg.source
+    if src.kind == "diffusers" and (src.path / "scheduler" / "scheduler_config.json").is_file():
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(str(src.path), subfolder="scheduler")
+    return build_scheduler()
+
+
+# --------------------------------------------------------------------------------------------------
+# Identities (cache keys) and metadata
+
+
+def _file_identity(path: Path) -> str:
+    st = path.stat()
+    return f"file:{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _folder_identity(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        st = f.stat()
+        h.update(f"{f.relative_to(path).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return f"dir:{path}|{h.hexdigest()[:16]}"
+
+
+def _path_identity(path: Path) -> str:
+    return _folder_identity(path) if path.is_dir() else _file_identity(path)
+
+
+def _hf_identity(src: ModelSource) -> str:
+    return f"hf:{src.repo}/{src.filename}@{src.revision}"
+
+
+def model_identity(model_cfg) -> dict:
+    """Cheap identities of the three components (no weights read, nothing downloaded); used in cache keys."""
+    src = model_cfg.source
+    if src.kind == "tiny":
+        ident = {
+            "transformer": ltxv_tiny.TINY_IDENTITY,
+            "vae": ltxv_tiny.TINY_IDENTITY,
+            "text_encoder": ltxv_tiny.TINY_IDENTITY,
+        }
+    elif src.kind == "named":
+        ident = {"transformer": _hf_identity(src), "vae": _hf_identity(src) + "#vae"}
+        ident["text_encoder"] = f"hf:{HF_REPO}/text_encoder+tokenizer@{HF_REVISION}"
+    elif src.kind == "single_file":
+        ident = {"transformer": _file_identity(src.path), "vae": _file_identity(src.path) + "#vae"}
+        ident["text_encoder"] = f"hf:{HF_REPO}/text_encoder+tokenizer@{HF_REVISION}"
+    else:
+        ident = {"transformer": _folder_identity(src.path / "transformer"), "vae": _folder_identity(src.path / "vae")}
+        kind, folder = _text_encoder_source(model_cfg)
+        ident["text_encoder"] = (
+            f"{_folder_identity(folder / 'text_encoder')}+{_folder_identity(folder / 'tokenizer')}"
+            if kind == "local" and not model_cfg.text_encoder
+            else f"hf:{HF_REPO}/text_encoder+tokenizer@{HF_REVISION}"
+        )
+    if model_cfg.vae:
+        ident["vae"] = _path_identity(_local_override(model_cfg.vae, "model.vae", "a VAE file or folder"))
+    if model_cfg.text_encoder:
+        ident["text_encoder"] = _folder_identity(
+            _local_override(model_cfg.text_encoder, "model.text_encoder", "a T5 folder")
+        )
+    return ident
+
+
+def base_checkpoint_metadata(model_cfg) -> dict | None:
+    """The safetensors metadata (e.g. Lightricks' "config" JSON) of a single-file base, for exports to carry over."""
+    src = model_cfg.source
+    if src.kind not in ("named", "single_file"):
+        return None
+    return dict(read_header(_single_file_path(src)).metadata) or None
+
+
+# --------------------------------------------------------------------------------------------------
+# What the stages ask of the family: architecture, latents, text features, tokens, the training forward
+
+SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION = 32, 8  # every LTXV VAE
+# The flow-match scheduler as LTXV ships it (its dynamic shift is also the training noise-level shift).
+SCHEDULER_CONFIG = dict(base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096)
+
+
+def build_scheduler(use_dynamic_shifting: bool = True):
+    """LTXPipeline and LTXImageToVideoPipeline use dynamic shifting; LTXConditionPipeline needs it off."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=use_dynamic_shifting, shift_terminal=0.1, **SCHEDULER_CONFIG
+    )
+
+
+def architecture(model_cfg) -> dict:
+    """The transformer config without reading weights (a local file's header is checked here, so a wrong file
+    fails before any download or encoding)."""
+    src = model_cfg.source
+    if src.kind == "tiny":
+        return dict(ltxv_tiny.TINY_TRANSFORMER_CONFIG)
+    if src.kind == "named":
+        return transformer_config(src.version)
+    return local_transformer_config(model_cfg)
+
+
+def count_params(tcfg: dict) -> int:
+    from diffusers import LTXVideoTransformer3DModel
+
+    with torch.device("meta"):
+        model = LTXVideoTransformer3DModel(**{k: v for k, v in tcfg.items() if not k.startswith("_")})
+    return sum(p.numel() for p in model.parameters())
+
+
+def sequence_length(width: int, height: int, frames: int) -> int:
+    """Tokens the transformer sees for one clip: (W/32) * (H/32) * ((F-1)/8 + 1)."""
+    s, t = SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+    return (width // s) * (height // s) * ((frames - 1) // t + 1)
+
+
+def latent_shape(width: int, height: int, frames: int) -> list[int]:
+    """[F, H, W] of the latents of a clip of these dims (channels first in the cache: [C, F, H, W])."""
+    s, t = SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+    return [(frames - 1) // t + 1, height // s, width // s]
+
+
+def _latent_stats(latents: torch.Tensor, vae) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    std = vae.latents_std.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    return mean, std
+
+
+def normalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    mean, std = _latent_stats(latents, vae)
+    return (latents - mean) * vae.config.scaling_factor / std
+
+
+def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    mean, std = _latent_stats(latents, vae)
+    return latents * std / vae.config.scaling_factor + mean
+
+
+def encode_video(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, F, H, W] in [-1, 1] -> normalised latents [B, 128, F', H', W'] (what the transformer sees)."""
+    return normalize_latents(vae.encode(pixels).latent_dist.mode(), vae)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents [1, C, F, H, W] -> uint8 frames [F, H, W, 3] on the CPU (cache previews)."""
+    z = denormalize_latents(latents, vae)
+    temb = torch.zeros(1, device=z.device, dtype=z.dtype) if vae.config.timestep_conditioning else None
+    video = vae.decode(z, temb=temb).sample[0]
+    return video.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
+
+
+def encode_captions(tokenizer, encoder, texts: list[str], max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds [B, max_len, D], mask [B, max_len]) as LTXPipeline.encode_prompt makes them: T5 runs without the
+    mask (padding changes the real tokens' embeddings, so train as inference pads); the mask is kept for the
+    transformer."""
+    tok = tokenizer(
+        texts, padding="max_length", max_length=max_len, truncation=True, add_special_tokens=True, return_tensors="pt"
+    )
+    return encoder(tok.input_ids.to(device))[0], tok.attention_mask
+
+
+def caption_token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=True).input_ids)
+
+
+def embedding_width(transformer) -> int:
+    """Width of the text features the transformer takes (T5 d_model)."""
+    return _unwrap(transformer).config.caption_channels
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, F, H, W] -> [B, F*H*W, C], the token order of LTXPipeline (patch size 1)."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
+def forward(transformer, tokens: torch.Tensor, timestep: torch.Tensor, batch: dict, grid: tuple[int, int, int]):
+    """The training forward: `tokens` [B, seq, C] (noisy latents, plus whatever a strategy prepends), `timestep`
+    x1000 per sample [B] or per token [B, seq], text features from the batch, positions from the latent grid
+    (F, H, W) and the clip's frame rate. Returns the predicted velocity [B, seq, C]."""
+    dtype = _unwrap(transformer).proj_in.weight.dtype
+    b = tokens.shape[0]
+    f, h, w = grid
+    fps_scale = (8.0 / batch["fps"]).to(device=tokens.device, dtype=torch.float32).view(b, 1, 1, 1, 1)
+    return transformer(
+        hidden_states=tokens.to(dtype),
+        encoder_hidden_states=batch["prompt_embeds"].to(dtype),
+        timestep=timestep,
+        encoder_attention_mask=batch["prompt_attention_mask"],
+        num_frames=f,
+        height=h,
+        width=w,
+        rope_interpolation_scale=(fps_scale, SPATIAL_COMPRESSION, SPATIAL_COMPRESSION),
+        return_dict=False,
+    )[0]
+
+
+def scheduler_shift(seq_len: int) -> float:
+    """Mean of the training noise-level distribution for `seq_len` tokens: the scheduler's dynamic shift, linear
+    from base_shift at base_image_seq_len to max_shift at max_image_seq_len (0.95 at 1024 -> 2.05 at 4096)."""
+    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
+    c = SCHEDULER_CONFIG
+    return calculate_shift(seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
+
+
+def validation_pipeline(model_cfg, transformer, vae, tokenizer, text_encoder, image_to_video: bool):
+    """diffusers' LTX pipeline around the transformer being trained."""
+    from diffusers import LTXImageToVideoPipeline, LTXPipeline
+    from diffusers.video_processor import VideoProcessor
+
+    pipe_cls = LTXImageToVideoPipeline if image_to_video else LTXPipeline
+    pipe = pipe_cls(
+        scheduler=load_scheduler(model_cfg), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=transformer,
+    )  # fmt: skip
+    # Every LTXV VAE compresses 32x in space and 8x in time. diffusers derives the ratios from the VAE config
+    # (patch_size x 2^scaling stages), which over-counts for the 0.9.5-style blocks of small test VAEs.
+    pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio = SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+    pipe.video_processor = VideoProcessor(vae_scale_factor=SPATIAL_COMPRESSION)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,108 @@
+"""What `model.model_source` names, resolved once (no download, no weights read) into a typed `ModelSource`.
+
+- `tiny`: the small random LTXV of `ltxv_tiny.py`;
+- a named version (`LTXV_13B_097_DEV`, ...; case, `_`, `.` and `-` do not matter) -> one file of a Hugging Face
+  repo, listed with its shipped configs in `model_configs/versions.json`;
+- a local `*.safetensors` single file, or a local diffusers folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from ..errors import UserError
+
+MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
+HF_REVISION = "main"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What `model.model_source` names. `path` is set for local sources; named versions carry repo/filename."""
+
+    kind: str  # "tiny" | "named" | "single_file" | "diffusers"
+    text: str  # the model_source string as given
+    version: str | None = None  # canonical named version, e.g. LTXV_13B_097_DEV
+    repo: str | None = None
+    filename: str | None = None
+    revision: str | None = None
+    path: Path | None = None
+    config_dir: Path | None = None  # shipped diffusers configs of a named version
+    family: str = "ltxv"  # the model family module under models/ that loads it
+
+
+@cache
+def versions() -> dict[str, dict]:
+    return json.loads((MODEL_CONFIGS / "versions.json").read_text(encoding="utf-8"))["versions"]
+
+
+def _norm_name(name: str) -> str:
+    return re.sub(r"[^0-9A-Z]", "", name.upper())
+
+
+def named_versions() -> list[str]:
+    return list(versions())
+
+
+def lookup_version(text: str) -> str | None:
+    wanted = _norm_name(text)
+    for name in versions():
+        if _norm_name(name) == wanted:
+            return name
+    return None
+
+
+def _looks_like_path(text: str) -> bool:
+    return any(c in text for c in "/\\~") or text.startswith(".") or text.lower().endswith(".safetensors")
+
+
+def missing_path_error(key: str, path: Path, what: str) -> UserError:
+    return UserError(f"{key}: {path} does not exist (give the path to {what})")
+
+
+def resolve(text: str) -> ModelSource:
+    """Describe a `model.model_source` string (no download, no weights read); UserError for unknown names/paths.
+    Config objects call this once (`ModelConfig.source`)."""
+    text = text.strip()
+    if text.lower() == "tiny":
+        return ModelSource(kind="tiny", text=text)
+    version = lookup_version(text)
+    if version is not None:
+        entry = versions()[version]
+        return ModelSource(
+            kind="named",
+            text=text,
+            version=version,
+            repo=entry["repo"],
+            filename=entry["filename"],
+            revision=HF_REVISION,
+            config_dir=MODEL_CONFIGS / entry["configs"],
+        )
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "transformer" / "config.json").is_file():
+            raise UserError(
+                f"model.model_source: folder {path} is not a diffusers LTXV folder (no transformer/config.json); "
+                "give a folder with transformer/ and vae/ subfolders, or a single .safetensors file"
+            )
+        return ModelSource(kind="diffusers", text=text, path=path.resolve())
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise UserError(
+                f"model.model_source: {path} is not a .safetensors file (only safetensors single files are read; "
+                "pickled .ckpt/.pt/.bin files are not loaded for safety)"
+            )
+        return ModelSource(kind="single_file", text=text, path=path.resolve())
+    if _looks_like_path(text):
+        raise missing_path_error("model.model_source", path, "an LTXV .safetensors file or a diffusers folder")
+    close = difflib.get_close_matches(text.upper(), named_versions(), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise UserError(
+        f"model.model_source: unknown model {text!r} ({hint}use one of {', '.join(named_versions())}, "
+        "a local .safetensors file, a diffusers folder, or tiny)"
+    )

@@ -1,0 +1,45 @@
+"""The text-to-video strategy (image-to-video included): a training sample is one clip's latents and caption.
+
+Every token is noised to the sample's noise level, except, with probability
+`training.first_frame_conditioning_p`, the first latent frame: kept clean (timestep 0) and left out of the
+loss, which teaches image-to-video conditioning (as LTX-Video-Trainer does). Nothing is prepended.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .flow_matching import noisy, sample_sigmas, velocity
+
+
+def first_frame_mask(
+    batch_size: int, tokens_per_frame: int, seq_len: int, p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """[B, seq] bool, True on the first latent frame's tokens of the samples drawn (with probability p) to train
+    image-to-video: those tokens stay clean (timestep 0) and are left out of the loss."""
+    chosen = torch.rand(batch_size, generator=generator, device=generator.device) < p
+    positions = torch.arange(seq_len, device=generator.device)
+    return chosen[:, None] & (positions < tokens_per_frame)[None, :]
+
+
+def prepare(x0: torch.Tensor, tokens_per_frame: int, shift: float, generator: torch.Generator, training_cfg):
+    """(tokens, timestep, target, loss_mask) for one batch of packed clean latents x0 [B, seq, C].
+    The draws happen in a fixed order (noise levels, noise, conditioning choice): resume relies on it."""
+    b, seq_len, _ = x0.shape
+    sigmas = sample_sigmas(b, shift if training_cfg.timestep_shift else 0.0, generator)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype)
+    p = training_cfg.first_frame_conditioning_p
+    cond = first_frame_mask(b, tokens_per_frame, seq_len, p, generator) if p > 0 else None
+    if cond is None:
+        timestep = sigmas * 1000.0  # [B]: one noise level per sample
+        s = sigmas[:, None, None]
+    else:
+        per_token = sigmas[:, None].expand(b, seq_len).masked_fill(cond, 0.0)  # clean first frame
+        timestep = per_token * 1000.0  # [B, seq]
+        s = per_token[..., None]
+    return noisy(x0, noise, s), timestep, velocity(x0, noise), None if cond is None else ~cond
+
+
+def prediction_for_loss(pred: torch.Tensor) -> torch.Tensor:
+    """The part of the transformer's output the loss sees: all of it (no prepended tokens)."""
+    return pred
