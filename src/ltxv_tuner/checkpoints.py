@@ -45,7 +45,10 @@ RESUME_MUST_MATCH = (
     "lora.alpha",
     "lora.target_modules",
     "dataset.resolution_buckets",
+    "training.strategy",
 )
+# Settings added after checkpoints were first written: a checkpoint without them had the default.
+_RESUME_DEFAULTS = {"training.strategy": "text_to_video"}
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -182,6 +185,7 @@ def resume_differences(saved_config: dict, current_config: dict) -> list[str]:
         if key.startswith("lora.") and _dotted(current_config, "model.training_mode") != "lora":
             continue
         old, new = _dotted(saved_config, key), _dotted(current_config, key)
+        old = _RESUME_DEFAULTS.get(key) if old is None else old
         if key == "lora.target_modules" and old is not None and new is not None:
             old, new = sorted(old), sorted(new)
         if old != new:

@@ -63,6 +63,11 @@ class DatasetConfig(_Section):
     )
     id_token: str | None = Field(None, description="Trigger word prepended to every caption (e.g. SQUISH).")
     strict: bool = Field(False, description="Stop on any skipped clip or caption problem instead of reporting it.")
+    reference_folder: str | None = Field(
+        None,
+        description="IC-LoRA (training.strategy: ic_lora): a folder mirroring data_folder with one reference (control) "
+        "video per clip - the reference of <data_folder>/sub/a.mp4 is <reference_folder>/sub/a.<any video ext>.",
+    )
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
 
     @field_validator("resolution_buckets", mode="before")
@@ -180,6 +185,13 @@ class TrainingConfig(_Section):
     timestep_shift: bool = Field(
         True, description="Shift the sampled noise levels with sequence length, as LTXV trains."
     )
+    strategy: Literal["text_to_video", "ic_lora"] = Field(
+        "text_to_video",
+        description="text_to_video: clips + captions (image-to-video through first_frame_conditioning_p). ic_lora: "
+        "in-context control LoRA - each clip's reference video (dataset.reference_folder) is prepended as clean "
+        "tokens at timestep 0, outside the loss, so the LoRA learns to follow it (depth, pose, edges, any "
+        "video-to-video effect).",
+    )
 
 
 class CheckpointsConfig(_Section):
@@ -199,6 +211,9 @@ class ValidationConfig(_Section):
         description="Negative prompt for validation videos.",
     )
     images: list[str] | None = Field(None, description="First-frame images, one per prompt (image-to-video).")
+    reference_videos: list[str] | None = Field(
+        None, description="IC-LoRA: one reference (control) video per prompt; a side-by-side mp4 is written too."
+    )
     video_dims: list[int] = Field(
         default_factory=lambda: [256, 256, 25], description="[width, height, frames] of validation videos."
     )
@@ -241,6 +256,30 @@ class Config(_Section):
     output_dir: str = Field("outputs", description="Where run_YYYYMMDD_HHMMSS/ folders are created.")
     seed: int = Field(42, description="Seed for weights init, noise, timesteps and data order.")
 
+    def _strategy_problems(self) -> list[str]:
+        v, ic = self.validation, self.training.strategy == "ic_lora"
+        problems = []
+        if ic and not self.dataset.reference_folder:
+            problems.append(
+                "dataset.reference_folder: training.strategy ic_lora needs the folder of reference videos "
+                "(one per clip, same relative path and name as the clip)"
+            )
+        if not ic and self.dataset.reference_folder:
+            problems.append("dataset.reference_folder: only used by training.strategy: ic_lora (set it, or drop this)")
+        if v.reference_videos is not None:
+            if not ic:
+                problems.append("validation.reference_videos: only used by training.strategy: ic_lora")
+            elif len(v.reference_videos) != len(v.prompts):
+                problems.append(
+                    f"validation.reference_videos: give one video per prompt ({len(v.prompts)}), "
+                    f"got {len(v.reference_videos)}"
+                )
+        if ic and v.interval is not None and v.reference_videos is None:
+            problems.append("validation.reference_videos: ic_lora validation needs one reference video per prompt")
+        if ic and v.images is not None:
+            problems.append("validation.images: not used with training.strategy: ic_lora (give reference_videos)")
+        return problems
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         problems = []
@@ -249,6 +288,7 @@ class Config(_Section):
             problems.append("validation.prompts: validation is on (interval set) but no prompts are given")
         if v.images is not None and len(v.images) != len(v.prompts):
             problems.append(f"validation.images: give one image per prompt ({len(v.prompts)}), got {len(v.images)}")
+        problems += self._strategy_problems()
         q = self.acceleration.quantize_base
         if q != "none" and self.model.training_mode != "lora":
             problems.append(

@@ -87,6 +87,7 @@ def training_metadata(cfg, step: int) -> dict[str, str]:
         f"{META_PREFIX}version": __version__,
         f"{META_PREFIX}base_model": str(cfg.model.model_source),
         f"{META_PREFIX}training_mode": cfg.model.training_mode,
+        f"{META_PREFIX}strategy": cfg.training.strategy,
         f"{META_PREFIX}steps": str(step),
         f"{META_PREFIX}total_steps": str(cfg.training.steps),
         f"{META_PREFIX}learning_rate": str(cfg.training.learning_rate),

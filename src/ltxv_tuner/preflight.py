@@ -50,6 +50,11 @@ def check(cfg: Config, only: str | None = None, resume: str | None = None) -> Re
         from .validation import load_images
 
         load_images(cfg)  # a missing first-frame image must not surface only at the first validation, hours in
+        if cfg.validation.reference_videos:
+            from .ic_validation import read_reference
+
+            for i, path in enumerate(cfg.validation.reference_videos):
+                read_reference(path, cfg.validation.video_dims, i)
     # The architecture from the config or a local file's header: a wrong file fails before any download or encode.
     report(cfg, models.family(cfg.model).architecture(cfg.model))
     warn_ineffective_settings(cfg)
@@ -176,8 +181,14 @@ def _lora_params(tcfg: dict, rank: int, targets: list[str]) -> int:
     return per_block * tcfg["num_layers"]
 
 
+def transformer_tokens(cfg: Config, bucket: list[int]) -> int:
+    """Tokens the transformer sees per clip: the clip's, and as many again for an IC-LoRA reference."""
+    tokens = models.family(cfg.model).sequence_length(*bucket)
+    return 2 * tokens if cfg.training.strategy == "ic_lora" else tokens
+
+
 def estimate_memory(cfg: Config, tcfg: dict, bucket: list[int], n_params: int) -> MemoryEstimate:
-    tokens = models.family(cfg.model).sequence_length(*bucket) * cfg.training.batch_size
+    tokens = transformer_tokens(cfg, bucket) * cfg.training.batch_size
     h = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     layers = tcfg["num_layers"]
     bytes_w = {"none": 2, "int8": 1, "fp8": 1}[cfg.acceleration.quantize_base]
@@ -211,8 +222,10 @@ def report(cfg: Config, tcfg: dict | None) -> list[str]:
     n_params = models.family(cfg.model).count_params(tcfg) if tcfg else None
     gpu = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
     for bucket in cfg.dataset.resolution_buckets:
-        tokens = models.family(cfg.model).sequence_length(*bucket)
+        tokens = transformer_tokens(cfg, bucket)
         line = f"preflight: bucket {bucket[0]}x{bucket[1]}x{bucket[2]}: {tokens} tokens"
+        if cfg.training.strategy == "ic_lora":
+            line += " (half of them the reference's)"
         if n_params:
             est = estimate_memory(cfg, tcfg, bucket, n_params)
             line += (

@@ -42,7 +42,18 @@ from .cache import (
     sources_index_path,
     write_json_atomic,
 )
-from .data import CaptionError, ClipSource, Issue, choose_bucket, final_caption, read_caption, scan_folder
+from .data import (
+    REFERENCE_PREFIX,
+    CaptionError,
+    ClipSource,
+    Issue,
+    ReferenceScan,
+    choose_bucket,
+    final_caption,
+    read_caption,
+    scan_folder,
+    scan_references,
+)
 from .errors import UserError
 from .models import family
 from .video import (
@@ -88,7 +99,14 @@ def _settings(cfg, dtype: torch.dtype) -> dict:
         "text_encoder": str(ident["text_encoder"]),
         "dtype": _dtype_name(dtype),
         "vae_tiling": pp.vae_tiling,
-    }
+    } | _reference_settings(cfg)
+
+
+def _reference_settings(cfg) -> dict:
+    """IC-LoRA only (a text-to-video cache's settings, and so its manifest, stay as they were)."""
+    if cfg.training.strategy != "ic_lora":
+        return {}
+    return {"reference_folder": str(_existing_folder(cfg.dataset.reference_folder, "dataset.reference_folder"))}
 
 
 def _latent_key(settings: dict, sha256: str, bucket: list[int], start: int) -> str:
@@ -118,16 +136,28 @@ def _condition_key(settings: dict, caption: str) -> str:
     )
 
 
-def _data_folder(cfg) -> Path:
-    folder = Path(cfg.dataset.data_folder).expanduser()
+def _existing_folder(value: str, key: str, what: str = "the folder that holds the clips") -> Path:
+    folder = Path(value).expanduser()
     if not folder.exists():
         where = "" if folder.is_absolute() else f"; a relative path is read from the current folder {Path.cwd()}"
-        raise UserError(
-            f"dataset.data_folder: {folder} does not exist (point it at a folder of clip.mp4 + clip.txt pairs{where})"
-        )
+        raise UserError(f"{key}: {folder} does not exist (point it at {what}{where})")
     if not folder.is_dir():
-        raise UserError(f"dataset.data_folder: {folder} is a file, not a folder (give the folder that holds the clips)")
-    return folder
+        raise UserError(f"{key}: {folder} is a file, not a folder (give {what})")
+    return folder.resolve() if key == "dataset.reference_folder" else folder
+
+
+def _data_folder(cfg) -> Path:
+    return _existing_folder(cfg.dataset.data_folder, "dataset.data_folder", "a folder of clip.mp4 + clip.txt pairs")
+
+
+def _sources(folder: Path, settings: dict, files: list[Path]) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every file the cache depends on: clips and captions (`files`), and IC-LoRA references."""
+    sources = _snapshot(folder, files)
+    if "reference_folder" in settings:
+        ref_folder = Path(settings["reference_folder"])
+        refs = _snapshot(ref_folder, scan_references(ref_folder, []).files)
+        sources |= {REFERENCE_PREFIX + rel: v for rel, v in refs.items()}
+    return sources
 
 
 def _snapshot(folder: Path, files: Iterable[Path]) -> dict[str, list[int]]:
@@ -216,6 +246,7 @@ class _Item:
     start: int
     latent_key: str
     condition_key: str
+    reference: _Item | None = None  # IC-LoRA: the reference clip (same bucket, start and crop; no caption)
 
 
 @dataclass
@@ -231,47 +262,81 @@ class _Report:
     pruned: int = 0
 
 
+def _plan_reference(src: ClipSource, refs: ReferenceScan, index: _SourceIndex, settings: dict, bucket, start):
+    """(the reference _Item, None) or (None, why the clip is skipped)."""
+    path = refs.by_clip.get(src.rel)
+    if path is None:
+        return None, next(i.reason for i in refs.missing if i.path == src.rel)
+    ref_folder = Path(settings["reference_folder"])
+    rsrc = ClipSource(rel=REFERENCE_PREFIX + path.relative_to(ref_folder).as_posix(), video=path, caption=path)
+    entry = index.get(rsrc)
+    if entry.get("error"):
+        return None, f"reference {rsrc.rel}: {entry['error']}"
+    frames = VideoInfo(**entry["probe"]).num_frames
+    if frames < start + bucket[2]:
+        return None, (
+            f"reference {rsrc.rel} has {frames} frames; the clip is trained on frames {start}..{start + bucket[2] - 1} "
+            "and the reference must cover the same span"
+        )
+    key = _latent_key(settings, entry["sha256"], bucket, start)
+    if key in entry.get("failed", {}):
+        return None, f"reference {rsrc.rel}: {entry['failed'][key]}"
+    return _Item(src=rsrc, caption="", bucket=bucket, start=start, latent_key=key, condition_key=""), None
+
+
+def _plan_clip(folder: Path, src: ClipSource, index: _SourceIndex, settings: dict, refs, report: _Report):
+    """The clip's _Item, or None with the reason reported."""
+    caption_rel = src.caption.relative_to(folder).as_posix()
+    try:
+        caption, note = read_caption(src.caption)
+    except CaptionError as e:
+        report.skipped.append(Issue(caption_rel, str(e)))
+        return None
+    if note:
+        report.notes.append(Issue(caption_rel, note))
+    entry = index.get(src)
+    if entry.get("error"):
+        report.skipped.append(Issue(src.rel, entry["error"]))
+        return None
+    info = VideoInfo(**entry["probe"])
+    bucket, why = choose_bucket(info.width, info.height, info.num_frames, settings["buckets"])
+    if bucket is None:
+        report.skipped.append(Issue(src.rel, why))
+        return None
+    start = start_index(info.num_frames, bucket[2], settings["frame_sampling"])
+    latent_key = _latent_key(settings, entry["sha256"], bucket, start)
+    if latent_key in entry.get("failed", {}):
+        report.skipped.append(Issue(src.rel, entry["failed"][latent_key]))
+        return None
+    reference = None
+    if refs is not None:
+        reference, why = _plan_reference(src, refs, index, settings, bucket, start)
+        if reference is None:
+            report.skipped.append(Issue(src.rel, why))
+            return None
+    caption = final_caption(caption, settings["id_token"])
+    condition_key = _condition_key(settings, caption)
+    return _Item(src, caption, bucket, start, latent_key, condition_key, reference)
+
+
 def _plan(folder: Path, root: Path, settings: dict, report: _Report) -> tuple[list[_Item], _SourceIndex]:
     scan = scan_folder(folder)
     report.skipped += scan.skipped
     report.notes += scan.notes
     index = _SourceIndex(root, folder)
+    keep = {p.relative_to(folder).as_posix() for p in scan.files}
+    refs = None
+    if "reference_folder" in settings:
+        ref_folder = Path(settings["reference_folder"])
+        refs = scan_references(ref_folder, [c.rel for c in scan.clips])
+        report.skipped += refs.orphans
+        keep |= {REFERENCE_PREFIX + p.relative_to(ref_folder).as_posix() for p in refs.files}
     items = []
     for src in tqdm(scan.clips, desc="scan", unit="clip", leave=False, disable=len(scan.clips) < 20):
-        caption_rel = src.caption.relative_to(folder).as_posix()
-        try:
-            caption, note = read_caption(src.caption)
-        except CaptionError as e:
-            report.skipped.append(Issue(caption_rel, str(e)))
-            continue
-        if note:
-            report.notes.append(Issue(caption_rel, note))
-        entry = index.get(src)
-        if entry.get("error"):
-            report.skipped.append(Issue(src.rel, entry["error"]))
-            continue
-        info = VideoInfo(**entry["probe"])
-        bucket, why = choose_bucket(info.width, info.height, info.num_frames, settings["buckets"])
-        if bucket is None:
-            report.skipped.append(Issue(src.rel, why))
-            continue
-        start = start_index(info.num_frames, bucket[2], settings["frame_sampling"])
-        latent_key = _latent_key(settings, entry["sha256"], bucket, start)
-        if latent_key in entry.get("failed", {}):
-            report.skipped.append(Issue(src.rel, entry["failed"][latent_key]))
-            continue
-        caption = final_caption(caption, settings["id_token"])
-        items.append(
-            _Item(
-                src=src,
-                caption=caption,
-                bucket=bucket,
-                start=start,
-                latent_key=latent_key,
-                condition_key=_condition_key(settings, caption),
-            )
-        )
-    index.keep_only({p.relative_to(folder).as_posix() for p in scan.files})
+        item = _plan_clip(folder, src, index, settings, refs, report)
+        if item is not None:
+            items.append(item)
+    index.keep_only(keep)
     index.save()
     return items, index
 
@@ -459,6 +524,8 @@ def _manifest_files(root: Path, clips: list[CachedClip], with_decoded: bool) -> 
     files = {}
     for c in clips:
         paths = [latent_path(root, c.latent_key), condition_path(root, c.condition_key)]
+        if c.reference_key:
+            paths.append(latent_path(root, c.reference_key))
         if with_decoded:
             paths.append(decoded_path(root, c.latent_key))
         for p in paths:
@@ -603,8 +670,9 @@ def _missing_latents(cfg, root, items: list[_Item], index: _SourceIndex, device,
     """Encode the latents not yet cached. Returns (latent key -> why its video could not be decoded,
     latent key -> fps of the clips encoded now)."""
     fam = family(cfg.model)
+    everything = items + [it.reference for it in items if it.reference is not None]
     first_by_latent: dict[str, _Item] = {}
-    for it in items:
+    for it in everything:
         first_by_latent.setdefault(it.latent_key, it)
     lat_paths = {k: latent_path(root, k) for k in first_by_latent}
     lat_todo = _needed(lat_paths, lambda k, p: _check_latent(p, first_by_latent[k].bucket, fam), report)
@@ -615,7 +683,7 @@ def _missing_latents(cfg, root, items: list[_Item], index: _SourceIndex, device,
 
     def on_bad(item: _Item, reason: str) -> None:
         bad_reasons[item.latent_key] = reason
-        for other in items:  # identical files share the key: all of them failed
+        for other in everything:  # identical files share the key: all of them failed
             if other.latent_key == item.latent_key:
                 index.mark_bad(other.src.rel, item.latent_key, reason)
 
@@ -630,6 +698,10 @@ def _cached_clips(root: Path, items: list[_Item], bad_reasons: dict, fps_by_key:
         if it.latent_key in bad_reasons:
             skipped.append(Issue(it.src.rel, bad_reasons[it.latent_key]))
             continue
+        ref = it.reference
+        if ref is not None and ref.latent_key in bad_reasons:
+            skipped.append(Issue(it.src.rel, f"reference {ref.src.rel}: {bad_reasons[ref.latent_key]}"))
+            continue
         shapes, meta = read_header(latent_path(root, it.latent_key))
         fps = fps_by_key.get(it.latent_key) or float(meta.get("fps", DEFAULT_FPS))
         clips.append(
@@ -641,6 +713,8 @@ def _cached_clips(root: Path, items: list[_Item], bad_reasons: dict, fps_by_key:
                 latent_key=it.latent_key,
                 condition_key=it.condition_key,
                 latent_shape=shapes["latents"],
+                reference=ref.src.rel.removeprefix(REFERENCE_PREFIX) if ref else None,
+                reference_key=ref.latent_key if ref else None,
             )
         )
     return clips
@@ -658,7 +732,7 @@ def run_preprocess(cfg) -> Path:
     scan_files = scan_folder(folder).files
     if not scan_files:
         raise _no_clip_error(folder, [])
-    sources = _snapshot(folder, scan_files)
+    sources = _sources(folder, settings, scan_files)
     if _reuse(cfg, mpath, root, settings, sources, t0):
         return mpath
 
@@ -716,7 +790,7 @@ def find_manifest(cfg) -> Path:
             f"{mpath}: {len(missing)} cache file(s) it lists are gone (e.g. {missing[0]}): run preprocessing again"
         )
     # Training on a cache older than the folder would silently use old captions and miss new clips.
-    now = _snapshot(folder, scan_folder(folder).files)
+    now = _sources(folder, settings, scan_folder(folder).files)
     if now != manifest.sources:
         changed = sorted(set(now) ^ set(manifest.sources)) + sorted(
             k for k in set(now) & set(manifest.sources) if now[k] != manifest.sources[k]

@@ -74,9 +74,12 @@ def training_step(transformer: torch.nn.Module, batch: dict, generator: torch.Ge
     _, _, f, h, w = latents.shape
     x0 = family.pack_latents(latents.float())
     shift = family.scheduler_shift(f * h * w)
-    tokens, timestep, target, loss_mask = strategy.prepare(x0, h * w, shift, generator, cfg.training)
-    pred = family.forward(transformer, tokens, timestep, batch, (f, h, w))
-    return flow_matching_loss(strategy.prediction_for_loss(pred), target, loss_mask)
+    ref = batch.get("reference_latents")
+    reference = family.pack_latents(ref.float()) if ref is not None else None
+    inputs = strategy.prepare(x0, h * w, shift, generator, cfg.training, reference)
+    reference_grid = tuple(ref.shape[2:]) if inputs.prepended else None
+    pred = family.forward(transformer, inputs.tokens, inputs.timestep, batch, (f, h, w), reference_grid)
+    return flow_matching_loss(strategy.prediction_for_loss(pred, inputs), inputs.target, inputs.loss_mask)
 
 
 def optimizer_step(accelerator, model, optimizer, lr_scheduler, params, micro_batches: list[dict], step: int, cfg):

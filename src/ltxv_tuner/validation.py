@@ -81,6 +81,29 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = VALIDATION_FPS) -> Path
     return path
 
 
+def _render_ic_lora(cfg: Config, transformer, parts, run_dir: Path, step: int, autocast_dtype) -> list[Path]:
+    from . import ic_validation
+
+    device = next(transformer.parameters()).device
+    was_training = transformer.training
+    transformer.eval()
+    try:
+        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with autocast:
+            prompts = final_prompts(cfg)
+            written = ic_validation.render(
+                cfg, transformer, parts, run_dir, step, prompts, _slug, write_mp4, VALIDATION_FPS
+            )
+    finally:
+        transformer.train(was_training)
+        parts[0].to("cpu")
+        parts[2].to("cpu")
+    log.info(
+        "validation step %d: %d video(s) (+ side-by-side) in %s", step, len(written), validation_dir(run_dir, step)
+    )
+    return written
+
+
 def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, step: int) -> list[Path]:
     """Render every validation prompt with `transformer` as it is now; returns the mp4 paths."""
     v = cfg.validation
@@ -93,6 +116,8 @@ def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, ste
     vae, tokenizer, text_encoder = _parts(cfg, parts_dtype)
     vae.to(device)
     text_encoder.to(device)
+    if cfg.training.strategy == "ic_lora":
+        return _render_ic_lora(cfg, transformer, (vae, tokenizer, text_encoder), run_dir, step, autocast_dtype)
     images = load_images(cfg)
     pipe = family(cfg.model).validation_pipeline(
         cfg.model, transformer, vae, tokenizer, text_encoder, image_to_video=images is not None

@@ -529,25 +529,47 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
-def forward(transformer, tokens: torch.Tensor, timestep: torch.Tensor, batch: dict, grid: tuple[int, int, int]):
-    """The training forward: `tokens` [B, seq, C] (noisy latents, plus whatever a strategy prepends), `timestep`
-    x1000 per sample [B] or per token [B, seq], text features from the batch, positions from the latent grid
-    (F, H, W) and the clip's frame rate. Returns the predicted velocity [B, seq, C]."""
+def _positions(grid: tuple[int, int, int], fps: torch.Tensor, device) -> torch.Tensor:
+    """[B, 3, F*H*W] token positions in the units diffusers' LTX RoPE takes as `video_coords`: frame index x 8/fps,
+    row and column x 32 - the same values its own grid gives for num_frames/height/width + the fps scale."""
+    f, h, w = grid
+    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in (f, h, w)]
+    ff, hh, ww = (a.flatten() for a in torch.meshgrid(*axes, indexing="ij"))
+    scale = (8.0 / fps).to(device=device, dtype=torch.float32)[:, None]
+    b = scale.shape[0]
+    return torch.stack(
+        [ff[None] * scale, (hh * SPATIAL_COMPRESSION).expand(b, -1), (ww * SPATIAL_COMPRESSION).expand(b, -1)], 1
+    )
+
+
+def forward(
+    transformer,
+    tokens: torch.Tensor,
+    timestep: torch.Tensor,
+    batch: dict,
+    grid: tuple[int, int, int],
+    reference_grid: tuple[int, int, int] | None = None,
+):
+    """The training forward: `tokens` [B, seq, C] (noisy latents, after any prepended reference tokens),
+    `timestep` x1000 per sample [B] or per token [B, seq], text features from the batch, positions from the latent
+    grid (F, H, W) and the clip's frame rate. Prepended reference tokens (IC-LoRA) take the positions of the
+    target's grid, as Lightricks' trainer places them for LTXV 0.9.x. Returns the predicted velocity."""
     dtype = _unwrap(transformer).proj_in.weight.dtype
     b = tokens.shape[0]
     f, h, w = grid
-    fps_scale = (8.0 / batch["fps"]).to(device=tokens.device, dtype=torch.float32).view(b, 1, 1, 1, 1)
-    return transformer(
+    common = dict(
         hidden_states=tokens.to(dtype),
         encoder_hidden_states=batch["prompt_embeds"].to(dtype),
         timestep=timestep,
         encoder_attention_mask=batch["prompt_attention_mask"],
-        num_frames=f,
-        height=h,
-        width=w,
-        rope_interpolation_scale=(fps_scale, SPATIAL_COMPRESSION, SPATIAL_COMPRESSION),
         return_dict=False,
-    )[0]
+    )
+    if reference_grid is not None:
+        coords = _positions(grid, batch["fps"], tokens.device)
+        return transformer(**common, video_coords=torch.cat([coords, coords], dim=2))[0]
+    fps_scale = (8.0 / batch["fps"]).to(device=tokens.device, dtype=torch.float32).view(b, 1, 1, 1, 1)
+    rope_scale = (fps_scale, SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
+    return transformer(**common, num_frames=f, height=h, width=w, rope_interpolation_scale=rope_scale)[0]
 
 
 def scheduler_shift(seq_len: int) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .flow_matching import noisy, sample_sigmas, velocity
+from .flow_matching import StepInputs, noisy, sample_sigmas, velocity
 
 
 def first_frame_mask(
@@ -22,9 +22,12 @@ def first_frame_mask(
     return chosen[:, None] & (positions < tokens_per_frame)[None, :]
 
 
-def prepare(x0: torch.Tensor, tokens_per_frame: int, shift: float, generator: torch.Generator, training_cfg):
-    """(tokens, timestep, target, loss_mask) for one batch of packed clean latents x0 [B, seq, C].
-    The draws happen in a fixed order (noise levels, noise, conditioning choice): resume relies on it."""
+def prepare(
+    x0: torch.Tensor, tokens_per_frame: int, shift: float, generator: torch.Generator, training_cfg, reference=None
+) -> StepInputs:
+    """Noised tokens, timesteps, target and loss mask for one batch of packed clean latents x0 [B, seq, C]
+    (`reference` is not used by this strategy). The draws happen in a fixed order (noise levels, noise,
+    conditioning choice): resume relies on it."""
     b, seq_len, _ = x0.shape
     sigmas = sample_sigmas(b, shift if training_cfg.timestep_shift else 0.0, generator)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype)
@@ -37,9 +40,9 @@ def prepare(x0: torch.Tensor, tokens_per_frame: int, shift: float, generator: to
         per_token = sigmas[:, None].expand(b, seq_len).masked_fill(cond, 0.0)  # clean first frame
         timestep = per_token * 1000.0  # [B, seq]
         s = per_token[..., None]
-    return noisy(x0, noise, s), timestep, velocity(x0, noise), None if cond is None else ~cond
+    return StepInputs(noisy(x0, noise, s), timestep, velocity(x0, noise), None if cond is None else ~cond)
 
 
-def prediction_for_loss(pred: torch.Tensor) -> torch.Tensor:
-    """The part of the transformer's output the loss sees: all of it (no prepended tokens)."""
-    return pred
+def prediction_for_loss(pred: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """The part of the transformer's output the loss sees: the noised tokens (after any prepended ones)."""
+    return pred[:, inputs.prepended :] if inputs.prepended else pred
