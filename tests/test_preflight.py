@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ltxv_tuner.config import validate_config
 from ltxv_tuner.models.ltxv import count_params, sequence_length, transformer_config
 from ltxv_tuner.preflight import estimate_memory, report
@@ -41,3 +43,16 @@ def test_report_prints_one_line_per_bucket():
     assert len(lines) == 2
     assert "768x768x97: 7488 tokens" in lines[0] and "GiB" in lines[0]
     assert report(_cfg(), None)[1].endswith("512x512x49: 1792 tokens")
+
+
+@pytest.mark.parametrize("version", ["tiny", "LTXV_13B_097_DEV", "LTXV_2B_0.9.5", "LTXV_2B_0.9.1"])
+def test_parameter_count_by_arithmetic_equals_the_model_diffusers_builds(version):
+    import torch
+    from diffusers import LTXVideoTransformer3DModel
+
+    from ltxv_tuner.models.ltxv_tiny import TINY_TRANSFORMER_CONFIG
+
+    tcfg = dict(TINY_TRANSFORMER_CONFIG) if version == "tiny" else transformer_config(version)
+    with torch.device("meta"):
+        model = LTXVideoTransformer3DModel(**tcfg)
+    assert count_params(tcfg) == sum(p.numel() for p in model.parameters())

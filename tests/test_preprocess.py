@@ -356,6 +356,29 @@ def test_batching_and_decode_threads_give_the_same_cache(tmp_path: Path):
         torch.testing.assert_close(ea, eb, rtol=1e-4, atol=1e-4)
 
 
+def test_decode_workers_give_bit_identical_cache_files(tmp_path: Path):
+    """Decoding in 0 or 3 background threads (and the automatic default) changes nothing that is written."""
+    a = make_dataset(tmp_path / "a", n=4)
+    written = {}
+    for workers in (0, 3, None):
+        folder = tmp_path / f"w{workers}"
+        shutil.copytree(a, folder)
+        manifest = Manifest.read(run_preprocess(make_cfg(folder, preprocessing={"num_workers": workers})))
+        root = cache_root(folder)
+        written[workers] = {c.video: _file_content(latent_path(root, c.latent_key)) for c in manifest.clips}
+    assert len(written[0]) == 4 and written[0] == written[3] == written[None]
+
+
+def _file_content(path: Path) -> tuple[bytes, dict]:
+    """Every tensor's bytes and the metadata (safetensors writes metadata keys in a varying order, so the file's
+    own bytes are not comparable)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        blob = b"".join(k.encode() + f.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes() for k in f.keys())  # noqa: SIM118
+        return blob, f.metadata()
+
+
 def test_center_sampling_and_decoded_previews(tmp_path: Path):
     d = tmp_path / "data"
     make_clip(d / "long.mp4", 128, 96, 33, seed=1)

@@ -37,8 +37,11 @@ def check_video_dims(width: int, height: int, frames: int) -> list[str]:
 
 class PreprocessingConfig(_Section):
     batch_size: int = Field(1, ge=1, description="Clips encoded by the VAE at once (same bucket only).")
-    num_workers: int = Field(
-        0, ge=0, description="Background threads decoding videos while the VAE encodes (0 = decode inline)."
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Background threads decoding, resizing and converting videos while the VAE encodes (0 = decode "
+        "inline; null = automatic: half the CPU cores, 1 to 4). The cache is bit-identical whatever the count.",
     )
     vae_tiling: bool = Field(False, description="Tiled VAE encoding: lower memory for large frames, slightly slower.")
     decode_videos: bool = Field(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,19 +17,17 @@ _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 def quiet_libraries() -> None:
     """diffusers/transformers warn at every load about things users cannot act on (dtype casts of tiny parts);
-    torchao (optional, imported by diffusers when installed) warns about CUDA kernels it cannot load on a CPU."""
+    torchao (optional, imported by diffusers when installed) warns about CUDA kernels it cannot load on a CPU.
+    Their verbosity is set through their environment variables (read when they are imported), so a run that
+    needs neither - a cache that is already complete - does not pay seconds to import them just to quiet them."""
     logging.getLogger("torchao").setLevel(logging.ERROR)
     # torchao registers enums with torch's pytree at import, which torch 2.13 logs as deprecated: not actionable.
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.set_verbosity_error()
-        from transformers.utils import logging as tlog
-
-        tlog.set_verbosity_error()
-    except ImportError:  # without them the stages fail later with a clear message
-        pass
+    for var in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    for name in ("diffusers", "transformers"):  # already imported (a notebook, a test): set them directly
+        if name in sys.modules:
+            importlib.import_module(f"{name}.utils.logging").set_verbosity_error()
 
 
 def setup_console_logging() -> None:

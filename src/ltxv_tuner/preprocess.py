@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -414,6 +415,14 @@ def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, d
     _release_memory()
 
 
+def decode_workers(setting: int | None) -> int:
+    """dataset.preprocessing.num_workers, null = half the cores (1 to 4): on 2 cores one decode thread took the
+    encoding stage from 61 % to 81 % of its encode-only limit, a second one added nothing (benchmarks/preprocess.py)."""
+    if setting is not None:
+        return setting
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 def _in_order(items: list, fn: Callable, workers: int) -> Iterator[tuple]:
     """(item, fn(item) or the VideoError) in order; with workers > 0 up to 2*workers items decode ahead in threads."""
 
@@ -459,12 +468,13 @@ def _encode_latents(
         by_bucket.setdefault(tuple(item.bucket), []).append(item)
     ordered = [item for group in by_bucket.values() for item in group]
 
-    def decode(item: _Item):
+    def decode(item: _Item):  # in a worker thread when num_workers > 0: decoding overlaps the VAE
         w, h, f = item.bucket
-        return read_clip(item.src.video, w, h, f, item.start)
+        frames, fps = read_clip(item.src.video, w, h, f, item.start)
+        return frames_to_vae_input(frames), fps
 
     def flush(batch: list[tuple[_Item, torch.Tensor, float]]):
-        x = torch.stack([frames_to_vae_input(frames) for _, frames, _ in batch]).to(device=device, dtype=dtype)
+        x = torch.stack([pixels for _, pixels, _ in batch]).to(device=device, dtype=dtype)
         latents = fam.encode_video(vae, x)
         for (item, _, fps), lat in zip(batch, latents, strict=True):
             save_tensors_atomic(
@@ -477,7 +487,7 @@ def _encode_latents(
 
     batch: list = []
     with tqdm(total=len(ordered), desc="VAE latents", unit="clip") as bar:
-        for item, result in _in_order(ordered, decode, pp.num_workers):
+        for item, result in _in_order(ordered, decode, decode_workers(pp.num_workers)):
             if isinstance(result, VideoError):
                 on_bad(item, str(result))
             else:
