@@ -170,7 +170,14 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     first_frame_conditioning_p: float = Field(
-        0.0, ge=0, le=1, description="Probability of training image-to-video: first frame kept clean, left out of loss."
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of samples trained as image-to-video: the first latent frame is kept clean (timestep 0) "
+        "and left out of the loss. 0.5 is what Lightricks' LTX-Video-Trainer uses in its 13B LoRA templates (its "
+        "code default 0.1 dates from the 2B configs): most LTXV LoRAs are used image-to-video (ComfyUI), and half "
+        "the samples still train text-to-video. Never applied to a bucket of 1 frame (one latent frame: nothing "
+        "would be left to learn); other buckets keep it. 0 = text-to-video only.",
     )
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none",
