@@ -41,11 +41,32 @@ class PreprocessingConfig(_Section):
         0, ge=0, description="Background threads decoding videos while the VAE encodes (0 = decode inline)."
     )
     vae_tiling: bool = Field(False, description="Tiled VAE encoding: lower memory for large frames, slightly slower.")
+    vae_posterior: Literal["sample", "mode"] = Field(
+        "sample",
+        description="Latents from the VAE posterior: `sample` draws one, as LTX-Video-Trainer and Lightricks' own "
+        "encoder do (seeded by the clip's cache key: encoding again gives the same latents); `mode` takes its mean. "
+        "Part of the latent cache key: switching re-encodes the latents only.",
+    )
     decode_videos: bool = Field(
         False,
         description="Decode the cached latents back to mp4 under .precomputed/decoded/ to check what the model sees.",
     )
-    max_text_length: int = Field(128, ge=8, le=1024, description="T5 token length of the cached caption embeddings.")
+    max_text_length: int = Field(
+        128,
+        ge=8,
+        le=1024,
+        description="T5 token length of the cached caption embeddings (longer captions are cut). 128 is diffusers' "
+        "LTX pipeline default; with caption_encoding: diffusers the padding length changes the features, so keep it "
+        "equal to the max_sequence_length of the inference you run.",
+    )
+    caption_encoding: Literal["diffusers", "comfyui"] = Field(
+        "diffusers",
+        description="How T5 encodes captions, to match the inference the LoRA will be used with: `diffusers` = exactly "
+        "LTXPipeline.encode_prompt (and LTX-Video-Trainer): T5 runs without the attention mask, so the padding "
+        "shifts the real tokens' features a little; `comfyui` = as ComfyUI's LTXV text encoder and Lightricks' "
+        "LTX-Video inference: T5 runs with the mask (features independent of padding). Validation videos use the same "
+        "encoding. Part of the caption cache key: switching re-encodes captions only.",
+    )
     frame_sampling: Literal["start", "center"] = Field(
         "start", description="Where the bucket's frames are taken from in a longer clip: its start or its middle."
     )

@@ -486,9 +486,21 @@ def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
     return latents * std / vae.config.scaling_factor + mean
 
 
-def encode_video(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """[B, 3, F, H, W] in [-1, 1] -> normalised latents [B, 128, F', H', W'] (what the transformer sees)."""
-    return normalize_latents(vae.encode(pixels).latent_dist.mode(), vae)
+def encode_video(vae, pixels: torch.Tensor, posterior: str = "mode", seeds: list[int] | None = None) -> torch.Tensor:
+    """[B, 3, F, H, W] in [-1, 1] -> normalised latents [B, 128, F', H', W'] (what the transformer sees).
+
+    posterior "mode": the VAE posterior's mean. "sample": one draw from it, as LTX-Video-Trainer and Lightricks'
+    own encoder (ltx_video vae_encode) make latents; each clip's noise comes from its own seed (`seeds`, one per
+    clip) on a CPU generator, so the draw does not depend on the device, the batch or the other clips."""
+    dist = vae.encode(pixels).latent_dist
+    if posterior == "mode":
+        return normalize_latents(dist.mode(), vae)
+    if seeds is None or len(seeds) != pixels.shape[0]:
+        raise ValueError("encode_video: posterior 'sample' needs one seed per clip")
+    shape = dist.mean.shape[1:]
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    z = dist.mean + dist.std * noise.to(device=dist.mean.device, dtype=dist.mean.dtype)
+    return normalize_latents(z, vae)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -499,14 +511,27 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return video.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
 
 
-def encode_captions(tokenizer, encoder, texts: list[str], max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeds [B, max_len, D], mask [B, max_len]) as LTXPipeline.encode_prompt makes them: T5 runs without the
-    mask (padding changes the real tokens' embeddings, so train as inference pads); the mask is kept for the
-    transformer."""
+# How T5 sees a caption in each inference the user may run (see `dataset.preprocessing.caption_encoding`):
+# diffusers' LTX pipelines (and LTX-Video-Trainer) pad to max_sequence_length and run T5 WITHOUT the attention mask,
+# so the pad tokens change the real tokens' features; ComfyUI's LTXV text encoder (comfy/text_encoders/lt.py: pad
+# to at least 128, T5 with attention_mask=True) and Lightricks' ltx_video pipeline (pad to 256, T5 with the mask)
+# run T5 WITH the mask, so the real tokens' features do not depend on the padding. Both keep the mask for the
+# transformer's cross-attention.
+CAPTION_ENCODINGS = ("diffusers", "comfyui")
+
+
+def encode_captions(
+    tokenizer, encoder, texts: list[str], max_len: int, device, encoding: str = "diffusers"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds [B, max_len, D], mask [B, max_len]): padded to max_len (truncated beyond it), T5 without the mask
+    (`diffusers`: exactly LTXPipeline.encode_prompt) or with it (`comfyui`); the mask is kept for the transformer."""
+    if encoding not in CAPTION_ENCODINGS:
+        raise ValueError(f"encode_captions: unknown encoding {encoding!r} (use one of {CAPTION_ENCODINGS})")
     tok = tokenizer(
         texts, padding="max_length", max_length=max_len, truncation=True, add_special_tokens=True, return_tensors="pt"
     )
-    return encoder(tok.input_ids.to(device))[0], tok.attention_mask
+    mask = tok.attention_mask.to(device) if encoding == "comfyui" else None
+    return encoder(tok.input_ids.to(device), attention_mask=mask)[0], tok.attention_mask
 
 
 def caption_token_count(tokenizer, text: str) -> int:
