@@ -16,8 +16,8 @@ from ltxv_tuner.dataset import BatchOrder, CachedDataset, batch_to_device, epoch
 from ltxv_tuner.errors import UserError
 from ltxv_tuner.models import ltxv
 from ltxv_tuner.preflight import QUANT_PACKAGE
-from ltxv_tuner.strategies.flow_matching import flow_matching_loss, sample_sigmas
 from ltxv_tuner.strategies import text_to_video
+from ltxv_tuner.strategies.flow_matching import flow_matching_loss, sample_sigmas
 from ltxv_tuner.strategies.text_to_video import first_frame_mask
 
 TEXT_LEN = 8

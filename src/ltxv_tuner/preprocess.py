@@ -1,10 +1,11 @@
 """Stage 1: clips + captions -> VAE latents and T5 embeddings under <data_folder>/.precomputed/.
 
 Only what is missing is encoded. Each latent is keyed by the video's content hash, its bucket, the frame/resize
-policy, the VAE identity, dtype, tiling and posterior policy (a sampled posterior is seeded by the key); each condition by the final caption, the text-encoder identity, the
-token length, the caption encoding (T5 with or without the mask) and dtype (cache.hash_key). A run with unchanged files and settings does no work at all: the
-manifest records the size and mtime of every source file and the size of every cache file, and when those
-all match it is returned without opening a video or loading a model.
+policy, the VAE identity, dtype, tiling and posterior policy (a sampled posterior is seeded by the key); each
+condition by the final caption, the text-encoder identity, the token length, the caption encoding (T5 with or
+without the mask) and dtype (cache.hash_key). A run with unchanged files and settings does no work at all: the
+manifest records the size and mtime of every source file and the size of every cache file, and when those all
+match it is returned without opening a video or loading a model.
 """
 
 from __future__ import annotations
