@@ -220,18 +220,48 @@ class CheckpointsConfig(_Section):
 
 
 class ValidationConfig(_Section):
+    """Validation videos render as Lightricks recommends for the model version (models/ltxv.py INFERENCE): every
+    setting left null here comes from the version, dev or distilled (docs/TRAINING.md has the table)."""
+
     interval: int | None = Field(None, ge=1, description="Generate validation videos every N steps (null = off).")
     prompts: list[str] = Field(default_factory=list, description="Prompts to render (id_token is prepended).")
     negative_prompt: str = Field(
         "worst quality, inconsistent motion, blurry, jittery, distorted",
-        description="Negative prompt for validation videos.",
+        description="Negative prompt for validation videos (used when guidance_scale > 1).",
     )
-    images: list[str] | None = Field(None, description="First-frame images, one per prompt (image-to-video).")
+    images: list[str] | None = Field(
+        None, description="First-frame images, one per prompt: image-to-video through diffusers' LTXConditionPipeline."
+    )
     video_dims: list[int] = Field(
         default_factory=lambda: [256, 256, 25], description="[width, height, frames] of validation videos."
     )
-    inference_steps: int = Field(20, ge=1, description="Denoising steps per validation video.")
-    guidance_scale: float = Field(3.0, ge=1.0, description="Classifier-free guidance scale.")
+    schedule: Literal["shifted"] | list[float] | None = Field(
+        None,
+        description="Noise levels to sample at: null = the version's (distilled 0.9.7/0.9.8: Lightricks' fixed 7, "
+        "[1.0, 0.9937, 0.9875, 0.9812, 0.975, 0.9094, 0.725]; dev: shifted), `shifted` = LTXV's resolution-shifted "
+        "schedule of inference_steps steps (diffusers' LTXPipeline, ComfyUI's LTXVScheduler), or a list from 1.0 down.",
+    )
+    inference_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Steps of the shifted schedule (null = the version's: dev 20 - Lightricks uses 30-40, 20 keeps "
+        "validation fast - 0.9.6 distilled 8). A fixed schedule has its own length.",
+    )
+    guidance_scale: float | None = Field(
+        None, ge=1.0, description="Classifier-free guidance scale (null = the version's: dev 3, distilled 1 = off)."
+    )
+    decode_timestep: float | None = Field(
+        None, ge=0.0, le=1.0, description="VAE decode timestep (null = the version's: 0.05; 0.9.0's VAE ignores it)."
+    )
+    decode_noise_scale: float | None = Field(
+        None, ge=0.0, le=1.0, description="Noise mixed into the latents before decoding (null = the version's: 0.025)."
+    )
+    frame_rate: float | None = Field(
+        None, gt=0, description="Frame rate the model is told and the mp4 plays at (null = 25: ComfyUI, diffusers)."
+    )
+    image_cond_noise_scale: float | None = Field(
+        None, ge=0.0, le=1.0, description="Noise added to the first-frame image condition (null = 0.15, as Lightricks)."
+    )
     seed: int = Field(42, description="Seed for validation noise.")
     videos_per_prompt: int = Field(1, ge=1, description="Videos generated per prompt.")
 
@@ -242,6 +272,22 @@ class ValidationConfig(_Section):
             raise ValueError(f"expected [width, height, frames], got {v}")
         if problems := check_video_dims(*v):
             raise ValueError("; ".join(problems))
+        return v
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_word(cls, v):
+        if isinstance(v, str) and v != "shifted":
+            raise ValueError(f"expected null, shifted or a list of noise levels from 1.0 down, got {v!r}")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v):
+        if isinstance(v, list):
+            ok = v and v[0] == 1.0 and all(0 < b < a for a, b in zip(v, v[1:], strict=False)) and v[-1] > 0
+            if not ok:
+                raise ValueError(f"a schedule is noise levels from 1.0 down, each > 0 (e.g. [1.0, 0.9, 0.7]), got {v}")
         return v
 
 

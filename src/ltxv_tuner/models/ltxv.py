@@ -584,15 +584,75 @@ def scheduler_shift(seq_len: int) -> float:
     return calculate_shift(seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
 
 
-def validation_pipeline(model_cfg, transformer, vae, tokenizer, text_encoder, image_to_video: bool):
-    """diffusers' LTX pipeline around the transformer being trained."""
-    from diffusers import LTXImageToVideoPipeline, LTXPipeline
+# --------------------------------------------------------------------------------------------------
+# Inference as Lightricks recommends it per kind of checkpoint (validation renders with these)
+
+# The distilled 0.9.7/0.9.8 checkpoints' fixed noise levels (LTX-Video configs/ltxv-*-0.9.8-distilled.yaml,
+# first_pass.timesteps), sampled without guidance.
+DISTILLED_SIGMAS = (1.0, 0.9937, 0.9875, 0.9812, 0.975, 0.9094, 0.725)
+# Every LTX-Video 0.9.x config decodes with decode_timestep 0.05 and decode_noise_scale 0.025 (VAEs without timestep
+# conditioning, 0.9.0, ignore both).
+_DECODE = {"decode_timestep": 0.05, "decode_noise_scale": 0.025}
+INFERENCE = {
+    # dev: Lightricks' 2B configs use guidance 3 (13B: 1-8 over the steps, with STG, which diffusers' pipelines lack)
+    # and 30-40 steps; 20 keeps validation fast. "shifted" = the resolution-shifted schedule ending at 0.1 that
+    # diffusers' LTXPipeline and ComfyUI's LTXVScheduler (default settings) both produce.
+    "dev": {"schedule": "shifted", "inference_steps": 20, "guidance_scale": 3.0, **_DECODE},
+    "distilled": {"schedule": list(DISTILLED_SIGMAS), "inference_steps": 7, "guidance_scale": 1.0, **_DECODE},
+    # 2B 0.9.6 distilled: 8 steps, guidance 1 (its sampler comes from the checkpoint; the shifted one is used here)
+    "distilled_096": {"schedule": "shifted", "inference_steps": 8, "guidance_scale": 1.0, **_DECODE},
+}
+# Not per version: the frame rate ComfyUI's LTXVConditioning and diffusers' LTX pipelines default to, and the noise
+# Lightricks' inference and diffusers add to an image condition.
+INFERENCE_COMMON = {"frame_rate": 25.0, "image_cond_noise_scale": 0.15}
+
+
+def inference_kind(model_cfg) -> str:
+    """dev, distilled or distilled_096: from versions.json for a named version; for a local file or folder from
+    its name (`distilled` in it), else dev."""
+    src = model_cfg.source
+    if src.kind == "named":
+        return _versions()[src.version].get("inference", "dev")
+    name = src.path.name.lower() if src.path is not None else ""
+    if "distilled" not in name:
+        return "dev"
+    return "distilled_096" if "0.9.6" in name else "distilled"
+
+
+def inference_settings(model_cfg) -> dict:
+    """Lightricks' recommended inference settings for this model: kind, schedule ("shifted" or a list of noise
+    levels), inference_steps, guidance_scale, decode_timestep, decode_noise_scale, frame_rate,
+    image_cond_noise_scale."""
+    kind = inference_kind(model_cfg)
+    return {"kind": kind, **INFERENCE[kind], **INFERENCE_COMMON}
+
+
+def validation_sigmas(model_cfg, schedule, steps: int, seq_len: int) -> list[float]:
+    """The noise levels to sample at (1.0 first, the final 0 implied): a given list as is, or "shifted" - the
+    scheduler's resolution-dependent shift of `steps` evenly spaced levels, stretched to end at its terminal (what
+    LTXPipeline computes for `seq_len` latent tokens)."""
+    if schedule != "shifted":
+        return [float(s) for s in schedule]
+    import numpy as np
+    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
+    scheduler = load_scheduler(model_cfg)
+    c = scheduler.config
+    mu = calculate_shift(seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
+    return scheduler.sigmas[:-1].tolist()
+
+
+def validation_pipeline(model_cfg, transformer, vae, tokenizer, text_encoder):
+    """diffusers' LTXConditionPipeline around the transformer being trained: text-to-video without conditions,
+    image-to-video with an image at frame 0. Its scheduler applies no shift of its own: the pipeline is given the
+    exact noise levels (`validation_sigmas` x 1000) as timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXConditionPipeline
     from diffusers.video_processor import VideoProcessor
 
-    pipe_cls = LTXImageToVideoPipeline if image_to_video else LTXPipeline
-    pipe = pipe_cls(
-        scheduler=load_scheduler(model_cfg), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        transformer=transformer,
+    pipe = LTXConditionPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
     )  # fmt: skip
     # Every LTXV VAE compresses 32x in space and 8x in time. diffusers derives the ratios from the VAE config
     # (patch_size x 2^scaling stages), which over-counts for the 0.9.5-style blocks of small test VAEs.
