@@ -114,8 +114,9 @@ class DatasetConfig(_Section):
 class ModelConfig(_Section):
     model_source: str = Field(
         "LTXV_13B_097_DEV",
-        description="A named version (LTXV_13B_097_DEV, LTXV_13B_097_DISTILLED, LTXV_2B_0.9.6_DEV, "
-        "LTXV_2B_0.9.6_DISTILLED, LTXV_2B_0.9.5, LTXV_2B_0.9.1, LTXV_2B_0.9.0), a local single-file "
+        description="A named version (LTXV_13B_098_DEV, LTXV_13B_098_DISTILLED, LTXV_2B_098_DISTILLED, "
+        "LTXV_13B_097_DEV, LTXV_13B_097_DISTILLED, LTXV_2B_0.9.6_DEV, LTXV_2B_0.9.6_DISTILLED, LTXV_2B_0.9.5, "
+        "LTXV_2B_0.9.1, LTXV_2B_0.9.0), a local single-file "
         ".safetensors, a local diffusers folder, or `tiny` (a small random LTXV for tests).",
     )
     training_mode: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter or all weights.")
