@@ -29,7 +29,12 @@ import torch
 
 from ..errors import UserError
 from . import hub, ltxv_tiny
-from .ltxv_keys import ORIGINAL_TRANSFORMER_PREFIX, original_to_diffusers, strip_compile_prefix
+from .ltxv_keys import (
+    LIGHTRICKS_TRANSFORMER_FIELDS,
+    ORIGINAL_TRANSFORMER_PREFIX,
+    original_to_diffusers,
+    strip_compile_prefix,
+)
 from .single_file import Header, build_from_state, is_aux_key, lora_like, match, read_header, read_tensors
 from .sources import HF_REVISION, MODEL_CONFIGS, ModelSource, lookup_version, missing_path_error, named_versions
 from .sources import versions as _versions
@@ -43,15 +48,7 @@ TEXT_ENCODER_PATTERNS = ["text_encoder/*", "tokenizer/*"]
 _TRANSFORMER_CONFIG_DIRS = ("ltxv-13b-0.9.7", "ltxv-2b-0.9.5")
 _VAE_CONFIG_DIRS = ("ltxv-2b-0.9.5", "ltxv-2b-0.9.1", "ltxv-2b-0.9.0")
 # Fields of a Lightricks metadata transformer config that mean the same in diffusers.
-_META_TRANSFORMER_FIELDS = (
-    "in_channels",
-    "out_channels",
-    "num_attention_heads",
-    "attention_head_dim",
-    "cross_attention_dim",
-    "num_layers",
-    "caption_channels",
-)
+_META_TRANSFORMER_FIELDS = LIGHTRICKS_TRANSFORMER_FIELDS
 
 
 def transformer_config(version_name: str) -> dict:
