@@ -70,6 +70,9 @@ def render_settings(cfg: Config) -> dict:
             s[key] = getattr(v, key)
     if v.schedule is not None:
         s["schedule"] = v.schedule
+    if s["schedule"] != "shifted" and v.inference_steps is not None:
+        log.warning("validation.inference_steps: ignored, the schedule is a fixed list of %d noise levels (set "
+                    "validation.schedule: shifted to use it)", len(s["schedule"]))  # fmt: skip
     if s["schedule"] == "shifted" and s["inference_steps"] < 2:  # the terminal stretch divides by zero with 1
         log.warning("validation.inference_steps: %d is too few for the LTXV scheduler; using 2", s["inference_steps"])
         s["inference_steps"] = 2

@@ -592,8 +592,8 @@ DISTILLED_SIGMAS = (1.0, 0.9937, 0.9875, 0.9812, 0.975, 0.9094, 0.725)
 _DECODE = {"decode_timestep": 0.05, "decode_noise_scale": 0.025}
 INFERENCE = {
     # dev: Lightricks' 2B configs use guidance 3 (13B: 1-8 over the steps, with STG, which diffusers' pipelines lack)
-    # and 30-40 steps; 20 keeps validation fast. "shifted" = the resolution-shifted schedule ending at 0.1 that
-    # diffusers' LTXPipeline and ComfyUI's LTXVScheduler (default settings) both produce.
+    # and 30-40 steps; 20 (ComfyUI's LTXVScheduler default) keeps validation fast. "shifted" = the resolution-shifted
+    # schedule ending at 0.1 that diffusers' LTXPipeline and ComfyUI's LTXVScheduler (default settings) both produce.
     "dev": {"schedule": "shifted", "inference_steps": 20, "guidance_scale": 3.0, **_DECODE},
     "distilled": {"schedule": list(DISTILLED_SIGMAS), "inference_steps": 7, "guidance_scale": 1.0, **_DECODE},
     # 2B 0.9.6 distilled: 8 steps, guidance 1 (its sampler comes from the checkpoint; the shifted one is used here)
