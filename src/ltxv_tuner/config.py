@@ -44,11 +44,32 @@ class PreprocessingConfig(_Section):
         "inline; null = automatic: half the CPU cores, 1 to 4). The cache is bit-identical whatever the count.",
     )
     vae_tiling: bool = Field(False, description="Tiled VAE encoding: lower memory for large frames, slightly slower.")
+    vae_posterior: Literal["sample", "mode"] = Field(
+        "sample",
+        description="Latents from the VAE posterior: `sample` draws one, as LTX-Video-Trainer and Lightricks' own "
+        "encoder do (seeded by the clip's cache key: encoding again gives the same latents); `mode` takes its mean. "
+        "Part of the latent cache key: switching re-encodes the latents only.",
+    )
     decode_videos: bool = Field(
         False,
         description="Decode the cached latents back to mp4 under .precomputed/decoded/ to check what the model sees.",
     )
-    max_text_length: int = Field(128, ge=8, le=1024, description="T5 token length of the cached caption embeddings.")
+    max_text_length: int = Field(
+        128,
+        ge=8,
+        le=1024,
+        description="T5 token length of the cached caption embeddings (longer captions are cut). 128 is diffusers' "
+        "LTX pipeline default; with caption_encoding: diffusers the padding length changes the features, so keep it "
+        "equal to the max_sequence_length of the inference you run.",
+    )
+    caption_encoding: Literal["diffusers", "comfyui"] = Field(
+        "diffusers",
+        description="How T5 encodes captions, to match the inference the LoRA will be used with: `diffusers` = exactly "
+        "LTXPipeline.encode_prompt (and LTX-Video-Trainer): T5 runs without the attention mask, so the padding "
+        "shifts the real tokens' features a little; `comfyui` = as ComfyUI's LTXV text encoder and Lightricks' "
+        "LTX-Video inference: T5 runs with the mask (features independent of padding). Validation videos use the same "
+        "encoding. Part of the caption cache key: switching re-encodes captions only.",
+    )
     frame_sampling: Literal["start", "center"] = Field(
         "start", description="Where the bucket's frames are taken from in a longer clip: its start or its middle."
     )
@@ -101,8 +122,9 @@ class DatasetConfig(_Section):
 class ModelConfig(_Section):
     model_source: str = Field(
         "LTXV_13B_097_DEV",
-        description="A named version (LTXV_13B_097_DEV, LTXV_13B_097_DISTILLED, LTXV_2B_0.9.6_DEV, "
-        "LTXV_2B_0.9.6_DISTILLED, LTXV_2B_0.9.5, LTXV_2B_0.9.1, LTXV_2B_0.9.0), a local single-file "
+        description="A named version (LTXV_13B_098_DEV, LTXV_13B_098_DISTILLED, LTXV_2B_098_DISTILLED, "
+        "LTXV_13B_097_DEV, LTXV_13B_097_DISTILLED, LTXV_2B_0.9.6_DEV, LTXV_2B_0.9.6_DISTILLED, LTXV_2B_0.9.5, "
+        "LTXV_2B_0.9.1, LTXV_2B_0.9.0), a local single-file "
         ".safetensors, a local diffusers folder, or `tiny` (a small random LTXV for tests).",
     )
     training_mode: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter or all weights.")
@@ -178,7 +200,14 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     first_frame_conditioning_p: float = Field(
-        0.0, ge=0, le=1, description="Probability of training image-to-video: first frame kept clean, left out of loss."
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of samples trained as image-to-video: the first latent frame is kept clean (timestep 0) "
+        "and left out of the loss. 0.5 is what Lightricks' LTX-Video-Trainer uses in its 13B LoRA templates (its "
+        "code default 0.1 dates from the 2B configs): most LTXV LoRAs are used image-to-video (ComfyUI), and half "
+        "the samples still train text-to-video. Never applied to a bucket of 1 frame (one latent frame: nothing "
+        "would be left to learn); other buckets keep it. 0 = text-to-video only.",
     )
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none",
@@ -207,21 +236,51 @@ class CheckpointsConfig(_Section):
 
 
 class ValidationConfig(_Section):
+    """Validation videos render as Lightricks recommends for the model version (models/ltxv.py INFERENCE): every
+    setting left null here comes from the version, dev or distilled (docs/TRAINING.md has the table)."""
+
     interval: int | None = Field(None, ge=1, description="Generate validation videos every N steps (null = off).")
     prompts: list[str] = Field(default_factory=list, description="Prompts to render (id_token is prepended).")
     negative_prompt: str = Field(
         "worst quality, inconsistent motion, blurry, jittery, distorted",
-        description="Negative prompt for validation videos.",
+        description="Negative prompt for validation videos (used when guidance_scale > 1).",
     )
-    images: list[str] | None = Field(None, description="First-frame images, one per prompt (image-to-video).")
+    images: list[str] | None = Field(
+        None, description="First-frame images, one per prompt: image-to-video through diffusers' LTXConditionPipeline."
+    )
     reference_videos: list[str] | None = Field(
         None, description="IC-LoRA: one reference (control) video per prompt; a side-by-side mp4 is written too."
     )
     video_dims: list[int] = Field(
         default_factory=lambda: [256, 256, 25], description="[width, height, frames] of validation videos."
     )
-    inference_steps: int = Field(20, ge=1, description="Denoising steps per validation video.")
-    guidance_scale: float = Field(3.0, ge=1.0, description="Classifier-free guidance scale.")
+    schedule: Literal["shifted"] | list[float] | None = Field(
+        None,
+        description="Noise levels to sample at: null = the version's (distilled 0.9.7/0.9.8: Lightricks' fixed 7, "
+        "[1.0, 0.9937, 0.9875, 0.9812, 0.975, 0.9094, 0.725]; dev: shifted), `shifted` = LTXV's resolution-shifted "
+        "schedule of inference_steps steps (diffusers' LTXPipeline, ComfyUI's LTXVScheduler), or a list from 1.0 down.",
+    )
+    inference_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Steps of the shifted schedule (null = the version's: dev 20 - Lightricks uses 30-40, 20 keeps "
+        "validation fast - 0.9.6 distilled 8). A fixed schedule has its own length.",
+    )
+    guidance_scale: float | None = Field(
+        None, ge=1.0, description="Classifier-free guidance scale (null = the version's: dev 3, distilled 1 = off)."
+    )
+    decode_timestep: float | None = Field(
+        None, ge=0.0, le=1.0, description="VAE decode timestep (null = the version's: 0.05; 0.9.0's VAE ignores it)."
+    )
+    decode_noise_scale: float | None = Field(
+        None, ge=0.0, le=1.0, description="Noise mixed into the latents before decoding (null = the version's: 0.025)."
+    )
+    frame_rate: float | None = Field(
+        None, gt=0, description="Frame rate the model is told and the mp4 plays at (null = 25: ComfyUI, diffusers)."
+    )
+    image_cond_noise_scale: float | None = Field(
+        None, ge=0.0, le=1.0, description="Noise added to the first-frame image condition (null = 0.15, as Lightricks)."
+    )
     seed: int = Field(42, description="Seed for validation noise.")
     videos_per_prompt: int = Field(1, ge=1, description="Videos generated per prompt.")
 
@@ -232,6 +291,22 @@ class ValidationConfig(_Section):
             raise ValueError(f"expected [width, height, frames], got {v}")
         if problems := check_video_dims(*v):
             raise ValueError("; ".join(problems))
+        return v
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_word(cls, v):
+        if isinstance(v, str) and v != "shifted":
+            raise ValueError(f"expected null, shifted or a list of noise levels from 1.0 down, got {v!r}")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v):
+        if isinstance(v, list):
+            ok = v and v[0] == 1.0 and all(0 < b < a for a, b in zip(v, v[1:], strict=False)) and v[-1] > 0
+            if not ok:
+                raise ValueError(f"a schedule is noise levels from 1.0 down, each > 0 (e.g. [1.0, 0.9, 0.7]), got {v}")
         return v
 
 

@@ -35,19 +35,20 @@ def read_reference(path: str, dims: list[int], index: int) -> torch.Tensor:
         ) from None
 
 
-def _encode_prompts(cfg: Config, tokenizer, text_encoder, prompt: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    fam = family(cfg.model)
+def _encode_prompts(cfg: Config, s: dict, tokenizer, text_encoder, prompt: str, device):
+    """(embeds, mask) of [negative prompt, prompt], encoded as the training captions are."""
     texts = [cfg.validation.negative_prompt, prompt]
-    embeds, mask = fam.encode_captions(
-        tokenizer, text_encoder, texts, cfg.dataset.preprocessing.max_text_length, device
+    embeds, mask = family(cfg.model).encode_captions(
+        tokenizer, text_encoder, texts, s["max_text_length"], device, s["caption_encoding"]
     )
     return embeds, mask.to(device)
 
 
 @torch.no_grad()
-def sample(cfg: Config, transformer, vae, embeds, mask, reference: torch.Tensor, generator, fps: float):
-    """Denoise one video with the reference's clean tokens prepended; returns uint8 frames [F, H, W, 3]."""
-    fam, v = family(cfg.model), cfg.validation
+def sample(cfg: Config, s: dict, transformer, vae, embeds, mask, reference: torch.Tensor, generator):
+    """Denoise one video at the settings' noise levels with the reference's clean tokens prepended; returns uint8
+    frames [F, H, W, 3]."""
+    fam = family(cfg.model)
     device, dtype = embeds.device, next(vae.parameters()).dtype
     ref_latents = fam.encode_video(vae, frames_to_vae_input(reference)[None].to(device, dtype)).float()
     c, f, h, w = ref_latents.shape[1:]
@@ -55,15 +56,15 @@ def sample(cfg: Config, transformer, vae, embeds, mask, reference: torch.Tensor,
     x, ref = fam.pack_latents(latents), fam.pack_latents(ref_latents)
     n_ref, seq = ref.shape[1], x.shape[1]
     scheduler = fam.load_scheduler(cfg.model)
-    steps = max(2, v.inference_steps)  # the LTXV scheduler (shift_terminal) divides by zero with one step
-    sigmas = np.linspace(1.0, 1.0 / steps, steps)
-    scheduler.set_timesteps(sigmas=sigmas, mu=fam.scheduler_shift(seq), device=device)
-    guided = v.guidance_scale > 1.0
+    scheduler.set_timesteps(
+        sigmas=np.asarray(s["sigmas"], dtype=np.float64), mu=fam.scheduler_shift(seq), device=device
+    )
+    guided = s["guidance_scale"] > 1.0
     rows = 2 if guided else 1
     batch = {
         "prompt_embeds": embeds if guided else embeds[1:],
         "prompt_attention_mask": mask if guided else mask[1:],
-        "fps": torch.full((rows,), float(fps)),
+        "fps": torch.full((rows,), float(s["frame_rate"])),
     }
     for t in scheduler.timesteps:
         tokens = torch.cat([ref, x], dim=1).expand(rows, -1, -1)
@@ -71,27 +72,26 @@ def sample(cfg: Config, transformer, vae, embeds, mask, reference: torch.Tensor,
         pred = fam.forward(transformer, tokens, timestep, batch, (f, h, w), reference_grid=(f, h, w))[:, n_ref:]
         pred = pred.float()
         if guided:
-            pred = pred[:1] + v.guidance_scale * (pred[1:] - pred[:1])
+            pred = pred[:1] + s["guidance_scale"] * (pred[1:] - pred[:1])
         x = scheduler.step(pred, t, x, return_dict=False)[0]
     out = x.transpose(1, 2).reshape(1, c, f, h, w)
     return fam.decode_latents(vae, out.to(dtype))
 
 
-def render(cfg: Config, transformer, parts, run_dir, step: int, prompts, slug, write_mp4, fps: int) -> list:
-    """Every prompt with its reference video; returns the result mp4 paths (side-by-side files beside them)."""
+def render(cfg: Config, s: dict, transformer, parts, run_dir, step: int, index: int, prompt: str, slug, write_mp4):
+    """The videos of one prompt with its reference: yields (result mp4, seed); a side-by-side mp4 (reference |
+    result) is written beside each."""
     v = cfg.validation
     vae, tokenizer, text_encoder = parts
     device = next(transformer.parameters()).device
     out_dir = validation_dir(run_dir, step)
-    written = []
-    for i, prompt in enumerate(prompts):
-        reference = read_reference(v.reference_videos[i], v.video_dims, i)
-        embeds, mask = _encode_prompts(cfg, tokenizer, text_encoder, prompt, device)
-        for j in range(v.videos_per_prompt):
-            generator = torch.Generator(device).manual_seed(v.seed + 1000 * i + j)
-            frames = sample(cfg, transformer, vae, embeds, mask, reference, generator, fps)
-            name = f"{i:02d}_{j:02d}_{slug(prompt)}"
-            written.append(write_mp4(frames.numpy(), out_dir / f"{name}.mp4", fps))
-            side = torch.cat([reference[: frames.shape[0]], frames], dim=2)  # [F, H, 2W, 3]
-            write_mp4(side.numpy(), out_dir / f"{name}_side_by_side.mp4", fps)
-    return written
+    reference = read_reference(v.reference_videos[index], v.video_dims, index)
+    embeds, mask = _encode_prompts(cfg, s, tokenizer, text_encoder, prompt, device)
+    for j in range(v.videos_per_prompt):
+        seed = v.seed + 1000 * index + j
+        frames = sample(cfg, s, transformer, vae, embeds, mask, reference, torch.Generator(device).manual_seed(seed))
+        name = f"{index:02d}_{j:02d}_{slug(prompt)}"
+        path = write_mp4(frames.numpy(), out_dir / f"{name}.mp4", s["frame_rate"])
+        side = torch.cat([reference[: frames.shape[0]], frames], dim=2)  # [F, H, 2W, 3]
+        write_mp4(side.numpy(), out_dir / f"{name}_side_by_side.mp4", s["frame_rate"])
+        yield path, seed

@@ -1,10 +1,11 @@
 """Stage 1: clips + captions -> VAE latents and T5 embeddings under <data_folder>/.precomputed/.
 
 Only what is missing is encoded. Each latent is keyed by the video's content hash, its bucket, the frame/resize
-policy, the VAE identity, dtype and tiling; each condition by the final caption, the text-encoder identity, the
-token length and dtype (cache.hash_key). A run with unchanged files and settings does no work at all: the
-manifest records the size and mtime of every source file and the size of every cache file, and when those
-all match it is returned without opening a video or loading a model.
+policy, the VAE identity, dtype, tiling and posterior policy (a sampled posterior is seeded by the key); each
+condition by the final caption, the text-encoder identity, the token length, the caption encoding (T5 with or
+without the mask) and dtype (cache.hash_key). A run with unchanged files and settings does no work at all: the
+manifest records the size and mtime of every source file and the size of every cache file, and when those all
+match it is returned without opening a video or loading a model.
 """
 
 from __future__ import annotations
@@ -94,12 +95,14 @@ def _settings(cfg, dtype: torch.dtype) -> dict:
         "buckets": [list(map(int, b)) for b in ds.resolution_buckets],
         "id_token": (ds.id_token or "").strip() or None,
         "max_text_length": pp.max_text_length,
+        "caption_encoding": pp.caption_encoding,
         "frame_sampling": pp.frame_sampling,
         "frame_policy": FRAME_POLICY,
         "vae": str(ident["vae"]),
         "text_encoder": str(ident["text_encoder"]),
         "dtype": _dtype_name(dtype),
         "vae_tiling": pp.vae_tiling,
+        "vae_posterior": pp.vae_posterior,
     } | _reference_settings(cfg)
 
 
@@ -121,8 +124,15 @@ def _latent_key(settings: dict, sha256: str, bucket: list[int], start: int) -> s
             "vae": settings["vae"],
             "dtype": settings["dtype"],
             "vae_tiling": settings["vae_tiling"],
+            "vae_posterior": settings["vae_posterior"],
         }
     )
+
+
+def _posterior_seed(latent_key: str) -> int:
+    """The seed of a clip's posterior draw: from its cache key, so encoding it again gives the same latents (and
+    the file stays exactly what its key says)."""
+    return int(latent_key[:15], 16)
 
 
 def _condition_key(settings: dict, caption: str) -> str:
@@ -132,6 +142,7 @@ def _condition_key(settings: dict, caption: str) -> str:
             "caption": caption,
             "text_encoder": settings["text_encoder"],
             "max_text_length": settings["max_text_length"],
+            "caption_encoding": settings["caption_encoding"],
             "dtype": settings["dtype"],
         }
     )
@@ -388,8 +399,8 @@ def _release_memory() -> None:
 
 @torch.inference_mode()
 def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, dtype: torch.dtype, report: _Report):
-    max_len = cfg.dataset.preprocessing.max_text_length
-    batch_size = cfg.dataset.preprocessing.batch_size
+    pp = cfg.dataset.preprocessing
+    max_len, batch_size = pp.max_text_length, pp.batch_size
     fam = family(cfg.model)
     tokenizer, encoder = fam.load_text_encoder(cfg.model, dtype=dtype, device=device)
     keys = list(captions)
@@ -397,7 +408,7 @@ def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, d
         for i in range(0, len(keys), batch_size):
             batch = keys[i : i + batch_size]
             texts = [captions[k] for k in batch]
-            embeds, masks = fam.encode_captions(tokenizer, encoder, texts, max_len, device)
+            embeds, masks = fam.encode_captions(tokenizer, encoder, texts, max_len, device, pp.caption_encoding)
             for j, key in enumerate(batch):
                 full_len = fam.caption_token_count(tokenizer, texts[j])
                 if full_len > max_len:
@@ -475,7 +486,8 @@ def _encode_latents(
 
     def flush(batch: list[tuple[_Item, torch.Tensor, float]]):
         x = torch.stack([pixels for _, pixels, _ in batch]).to(device=device, dtype=dtype)
-        latents = fam.encode_video(vae, x)
+        seeds = [_posterior_seed(item.latent_key) for item, _, _ in batch]
+        latents = fam.encode_video(vae, x, pp.vae_posterior, seeds)
         for (item, _, fps), lat in zip(batch, latents, strict=True):
             save_tensors_atomic(
                 latent_path(root, item.latent_key),
