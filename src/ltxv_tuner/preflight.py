@@ -41,7 +41,7 @@ def check(cfg: Config, only: str | None = None, resume: str | None = None) -> Re
     check_acceleration(cfg)  # an option that cannot run should not cost an encode first
     check_tracker(cfg)
     if cfg.training.accelerate_config and Path(cfg.training.accelerate_config).is_file():
-        check_accelerate_config(Path(cfg.training.accelerate_config))
+        check_accelerate_config(Path(cfg.training.accelerate_config), cfg)
     output_dir = Path(cfg.output_dir).expanduser()
     if only != "preprocess" and not resume:
         ckpts.check_output_dir(output_dir)
@@ -92,19 +92,33 @@ def check_tracker(cfg: Config) -> None:
         )
 
 
-def check_accelerate_config(path: Path) -> None:
-    """Multi-GPU / multi-node data parallel is what the checkpoint hooks support; say so for anything else."""
+def check_accelerate_config(path: Path, cfg: Config) -> None:
+    """Data parallel (MULTI_GPU, also across machines) and FSDP go; FSDP only with training.sharding: fsdp, which
+    does the sharding (fully_shard, see sharding.py): the file's fsdp_config must not ask for something else."""
     import yaml
 
     try:
         acc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"training.accelerate_config: {path} is not valid YAML ({e.__class__.__name__})") from None
-    kind = str(acc.get("distributed_type", "")).upper() if isinstance(acc, dict) else ""
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA", "TPU"):
+    acc = acc if isinstance(acc, dict) else {}
+    kind = str(acc.get("distributed_type", "")).upper()
+    if kind in ("DEEPSPEED", "MEGATRON_LM", "XLA", "TPU"):
         raise UserError(
-            f"training.accelerate_config: {path} asks for distributed_type {kind}, which is not supported yet "
-            "(checkpoints and resume assume data parallel); use distributed_type: MULTI_GPU (also across machines)"
+            f"training.accelerate_config: {path} asks for distributed_type {kind}, which is not supported "
+            "(checkpoints and resume know data parallel and FSDP); use MULTI_GPU, or FSDP with training.sharding: fsdp"
+        )
+    if kind == "FSDP" and cfg.training.sharding != "fsdp":
+        raise UserError(
+            f"training.accelerate_config: {path} asks for distributed_type FSDP; set training.sharding: fsdp "
+            "(it does the sharding), or use distributed_type: MULTI_GPU"
+        )
+    fsdp = acc.get("fsdp_config") or {}
+    offload = str(fsdp.get("fsdp_offload_params", cfg.training.cpu_offload)).lower() == "true"
+    if kind == "FSDP" and offload != cfg.training.cpu_offload:
+        raise UserError(
+            f"training.accelerate_config: {path} has fsdp_offload_params: {offload} but training.cpu_offload is "
+            f"{cfg.training.cpu_offload}; set training.cpu_offload: {str(offload).lower()} (it is what is used)"
         )
 
 
