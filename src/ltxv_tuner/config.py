@@ -335,7 +335,7 @@ class Config(_Section):
             "validation.interval": (self.validation.interval is not None, "validate the exported checkpoint instead"),
         }
         return [
-            f"{key}: not available with training.sharding: fsdp ({why}); change it or set training.sharding: none"
+            f"{key}: not available with training.sharding: fsdp ({why}): change it, or set training.sharding: none"
             for key, (bad, why) in refused.items()
             if bad
         ]

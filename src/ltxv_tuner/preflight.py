@@ -122,12 +122,25 @@ def check_accelerate_config(path: Path, cfg: Config) -> None:
         )
 
 
+def planned_processes(cfg: Config) -> int | None:
+    """How many processes training will start (None: an accelerate config file without num_processes decides)."""
+    t = cfg.training
+    if not (t.distributed or t.accelerate_config):
+        return 1
+    if t.num_processes or t.accelerate_config:
+        return t.num_processes
+    return max(1, torch.cuda.device_count())  # what launch.launch_command starts
+
+
 def check_resume(resume: str, output_dir: Path, cfg: Config) -> ResumeTarget:
     """The run folder and checkpoint to continue from; a missing or incompatible target is refused before anything
     is touched."""
     run_dir = ckpts.resolve_resume_run(resume, output_dir)
     ckpt = ckpts.resolve_resume_checkpoint(run_dir)
-    done = ckpts.check_resume_compatible(ckpt, cfg.model_dump(mode="json")).get("step", 0)
+    state = ckpts.check_resume_compatible(ckpt, cfg.model_dump(mode="json"))
+    if (n := planned_processes(cfg)) is not None:  # else each launched process checks it
+        ckpts.check_process_count(ckpt, state, n)
+    done = state.get("step", 0)
     if done > cfg.training.steps:  # else the run's config.yaml would claim fewer steps than it has
         raise UserError(
             f"--resume: {ckpt} is at step {done}, past training.steps={cfg.training.steps}; "
