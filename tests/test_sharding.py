@@ -99,10 +99,15 @@ def test_sharded_run_killed_after_a_checkpoint_resumes_bit_identical(tmp_path):
 
 
 def test_lora_on_a_sharded_base_exports_the_same_lora_format(tmp_path):
+    """The sharded run is launched from an accelerate config file with distributed_type FSDP, with gradient
+    checkpointing: both compose with sharding."""
     manifest = make_cache(tmp_path / "data", clips_per_bucket=4)
+    acc = tmp_path / "fsdp.yaml"
+    acc.write_text("distributed_type: FSDP\nnum_machines: 1\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n")
+    sharded = {"accelerate_config": str(acc), "sharding": "fsdp", "enable_gradient_checkpointing": True}
     files = {}
-    for mode in ("fsdp", "none"):
-        cfg = make_config(tmp_path, training={**TWO, "steps": 2, "sharding": mode}, checkpoints={"interval": 2})
+    for mode, training in (("fsdp", sharded), ("none", TWO)):
+        cfg = make_config(tmp_path, training={"steps": 2, **training}, checkpoints={"interval": 2})
         files[mode] = launch.train(cfg, tmp_path / mode, manifest).checkpoints[-1]
     a, b = cache.load_tensors(files["fsdp"]), cache.load_tensors(files["none"])
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
@@ -151,3 +156,33 @@ def test_one_process_is_refused_for_sharding():
 
     with pytest.raises(UserError, match="training.sharding: fsdp needs several processes, this run has 1"):
         sharding.shard_transformer(OneProcess(), torch.nn.Linear(2, 2), cpu_offload=False)
+
+
+def test_preflight_estimate_per_gpu_under_sharding_and_the_advice_for_a_13b_full_fine_tune():
+    from ltxv_tuner.models.ltxv import count_params, transformer_config
+
+    tcfg = transformer_config("LTXV_13B_097_DEV")
+    n = count_params(tcfg)
+
+    def cfg(**training):
+        raw = {
+            "dataset": {"data_folder": "x", "resolution_buckets": [[768, 768, 97]]},
+            "model": {"training_mode": "full"},
+        }
+        return validate_config({**raw, "training": {"enable_gradient_checkpointing": True, **training}})
+
+    bucket = [768, 768, 97]
+    plain = preflight.estimate_memory(cfg(), tcfg, bucket, n)
+    assert 190 < plain.trainable_gib < 200  # 16 bytes per parameter with AdamW
+    two, eight = (preflight.estimate_memory(cfg(sharding="fsdp"), tcfg, bucket, n, k) for k in (2, 8))
+    assert two.trainable_gib == pytest.approx(plain.trainable_gib / 2) and eight.total_gib < two.total_gib
+    assert 0 < eight.gathered_gib < 5 and eight.activations_gib == plain.activations_gib
+    offload = preflight.estimate_memory(cfg(sharding="fsdp", cpu_offload=True), tcfg, bucket, n, 8)
+    assert offload.trainable_gib == 0 and offload.total_gib < eight.total_gib
+
+    h100 = ("H100", 80 * 1024**3)
+    (line,) = preflight.report(cfg(), tcfg, gpu=h100)
+    assert "MORE than the 80 GiB of H100: a full fine-tune of this model does not fit one GPU" in line
+    assert "training.sharding: fsdp on 4 or more such GPUs (training.num_processes: 4" in line
+    (line,) = preflight.report(cfg(sharding="fsdp", distributed=True, num_processes=8), tcfg, gpu=h100)
+    assert "sharded over 8 processes" in line and "MORE" not in line

@@ -54,7 +54,8 @@ def shard_transformer(accelerator, model: torch.nn.Module, cpu_offload: bool) ->
     # training step never modifies the prediction in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-    policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # On a CPU run everything is in CPU memory already (and FSDP2's offload needs an accelerator device).
+    policy = CPUOffloadPolicy() if cpu_offload and accelerator.device.type != "cpu" else OffloadPolicy()
     for block in model.transformer_blocks:
         fully_shard(block, mesh=mesh, offload_policy=policy)
     fully_shard(model, mesh=mesh, offload_policy=policy)
