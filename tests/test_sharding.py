@@ -122,13 +122,14 @@ def test_lora_on_a_sharded_base_exports_the_same_lora_format(tmp_path):
 def test_sharding_settings_that_cannot_go_together_are_listed(tmp_path):
     raw = {
         "dataset": {"data_folder": "x"},
-        "training": {"sharding": "fsdp", "optimizer_type": "adamw8bit", "mixed_precision_mode": "fp16"},
+        "training": {"sharding": "fsdp", "optimizer_type": "adamw8bit", "mixed_precision_mode": "fp16"},  # 1 process
         "acceleration": {"compile": True},
     }
     with pytest.raises(ConfigError) as e:
         validate_config(raw)
     for key in ("training.optimizer_type", "training.mixed_precision_mode", "acceleration.compile"):
         assert f"{key}: not available with training.sharding: fsdp" in str(e.value)
+    assert "training.sharding: fsdp shards over several processes: set training.distributed: true" in str(e.value)
     with pytest.raises(ConfigError, match="training.cpu_offload: only used with training.sharding: fsdp"):
         validate_config({"dataset": {"data_folder": "x"}, "training": {"cpu_offload": True}})
 
@@ -186,3 +187,16 @@ def test_preflight_estimate_per_gpu_under_sharding_and_the_advice_for_a_13b_full
     assert "training.sharding: fsdp on 4 or more such GPUs (training.num_processes: 4" in line
     (line,) = preflight.report(cfg(sharding="fsdp", distributed=True, num_processes=8), tcfg, gpu=h100)
     assert "sharded over 8 processes" in line and "MORE" not in line
+
+
+def test_a_sharded_checkpoint_missing_a_process_shard_is_refused_with_the_fix(tmp_path):
+    state = tmp_path / "run" / "checkpoints" / "step_000002" / "state"
+    state.mkdir(parents=True)
+    torch.save({}, state / "scheduler.bin")  # accelerate's own files, as save_state writes them
+    (state / "random_states_0.pkl").write_bytes(b"x")
+    cache.save_tensors_atomic(sharding.shard_file(state, 0), {"model/w": torch.zeros(2)}, {"num_processes": "2"})
+    assert sharding.saved_process_count(state) == 2
+    with pytest.raises(UserError, match=r"sharded_rank1.safetensors is damaged or missing.*delete that step folder"):
+        checkpoints.check_state_files(state.parent)
+    cache.save_tensors_atomic(sharding.shard_file(state, 1), {"model/w": torch.zeros(2)}, {"num_processes": "2"})
+    checkpoints.check_state_files(state.parent)

@@ -334,11 +334,17 @@ class Config(_Section):
             "training.mixed_precision_mode": (t.mixed_precision_mode == "fp16", "fp16 needs a sharded grad scaler"),
             "validation.interval": (self.validation.interval is not None, "validate the exported checkpoint instead"),
         }
-        return [
+        problems = [
             f"{key}: not available with training.sharding: fsdp ({why}): change it, or set training.sharding: none"
             for key, (bad, why) in refused.items()
             if bad
         ]
+        if not (t.distributed or t.accelerate_config) or t.num_processes == 1:
+            problems.append(
+                "training.sharding: fsdp shards over several processes: set training.distributed: true and "
+                "training.num_processes of 2 or more (or training.accelerate_config)"
+            )
+        return problems
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
