@@ -170,7 +170,8 @@ def test_preflight_estimate_per_gpu_under_sharding_and_the_advice_for_a_13b_full
             "dataset": {"data_folder": "x", "resolution_buckets": [[768, 768, 97]]},
             "model": {"training_mode": "full"},
         }
-        return validate_config({**raw, "training": {"enable_gradient_checkpointing": True, **training}})
+        training = {"enable_gradient_checkpointing": True, "distributed": True, **training}
+        return validate_config({**raw, "training": training})
 
     bucket = [768, 768, 97]
     plain = preflight.estimate_memory(cfg(), tcfg, bucket, n)
