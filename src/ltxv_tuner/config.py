@@ -178,7 +178,20 @@ class TrainingConfig(_Section):
     distributed: bool = Field(False, description="Train on every visible GPU through `accelerate launch`.")
     num_processes: int | None = Field(None, ge=1, description="Processes for distributed training (null = all GPUs).")
     accelerate_config: str | None = Field(
-        None, description="An accelerate config file (multi-node, FSDP, DeepSpeed); implies distributed."
+        None,
+        description="An accelerate config file (multi-node; distributed_type FSDP goes with sharding: fsdp; "
+        "DeepSpeed is refused); implies distributed.",
+    )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="none: data parallel, every process holds the whole model. fsdp: FSDP2 (fully_shard) shards "
+        "each transformer block's weights, gradients and optimizer state over the processes - a full fine-tune of a "
+        "model that does not fit one GPU, or LoRA on such a base. Needs several processes (training.distributed).",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="With sharding: fsdp, keep the weight shards, gradients and optimizer state in CPU memory "
+        "(FSDP2 CPUOffloadPolicy): much less GPU memory, slower steps.",
     )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     steps: int = Field(1500, ge=1, description="Optimizer steps to train.")
@@ -380,9 +393,33 @@ class Config(_Section):
                 "acceleration.quantize_base: int8 needs training.enable_gradient_checkpointing: true (without it "
                 "the backward pass keeps a dequantized copy of every block's weights, more memory than none)"
             )
+        problems += self._sharding_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _sharding_problems(self) -> list[str]:
+        t, fsdp = self.training, self.training.sharding == "fsdp"
+        if not fsdp:
+            return ["training.cpu_offload: only used with training.sharding: fsdp"] if t.cpu_offload else []
+        refused = {  # setting -> why it does not go with sharding (yet)
+            "acceleration.quantize_base": (self.acceleration.quantize_base != "none", "int8 weights are not sharded"),
+            "acceleration.compile": (self.acceleration.compile, "not tried with FSDP2 yet"),
+            "training.optimizer_type": (t.optimizer_type != "adamw", "adamw8bit cannot step sharded weights"),
+            "training.mixed_precision_mode": (t.mixed_precision_mode == "fp16", "fp16 needs a sharded grad scaler"),
+            "validation.interval": (self.validation.interval is not None, "validate the exported checkpoint instead"),
+        }
+        problems = [
+            f"{key}: not available with training.sharding: fsdp ({why}): change it, or set training.sharding: none"
+            for key, (bad, why) in refused.items()
+            if bad
+        ]
+        if not (t.distributed or t.accelerate_config) or t.num_processes == 1:
+            problems.append(
+                "training.sharding: fsdp shards over several processes: set training.distributed: true and "
+                "training.num_processes of 2 or more (or training.accelerate_config)"
+            )
+        return problems
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
