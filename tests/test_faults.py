@@ -58,3 +58,33 @@ def test_weights_that_overflow_are_never_exported(tmp_path, manifest, monkeypatc
     with pytest.raises(training.NonFiniteError, match="step 2: the trained weights are no longer finite"):
         training.train(make_config(tmp_path, training={"steps": 2}), run, manifest)
     assert checkpoints.weight_files(run) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation never changes the training stream
+
+
+VALIDATE = {"interval": 2, "prompts": ["a red ball"], "video_dims": [64, 64, 9], "inference_steps": 2}
+
+
+def _dropout_cfg(tmp_path, steps, validation=None):
+    return make_config(
+        tmp_path,
+        training={"steps": steps},
+        lora={"dropout": 0.3},
+        checkpoints={"interval": 2},
+        validation=validation or {"interval": None},
+    )
+
+
+def test_validation_with_dropout_changes_nothing_and_resume_from_a_validation_step_is_exact(tmp_path, manifest):
+    plain, validated, resumed = tmp_path / "plain", tmp_path / "validated", tmp_path / "resumed"
+    training.train(_dropout_cfg(tmp_path, 4), plain, manifest)
+    training.train(_dropout_cfg(tmp_path, 4, VALIDATE), validated, manifest)
+    training.train(_dropout_cfg(tmp_path, 2, VALIDATE), resumed, manifest)
+    training.train(_dropout_cfg(tmp_path, 4, VALIDATE), resumed, manifest, resume_from=resumed)
+    assert (validated / "validation" / "step_000002").is_dir()
+    want = trainable_from_checkpoint(plain / "checkpoints" / "step_000004")
+    for run in (validated, resumed):
+        got = trainable_from_checkpoint(run / "checkpoints" / "step_000004")
+        assert all(torch.equal(want[k], got[k]) for k in want), run.name
