@@ -3,13 +3,19 @@ a success, no run outlives its owner, nothing shared is deleted under a running 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from test_training import make_cache, make_config, trainable_from_checkpoint
 
-from ltxv_tuner import checkpoints, training
+from ltxv_tuner import checkpoints, launch, locks, pipeline, training
+from ltxv_tuner.errors import UserError
 
 
 @pytest.fixture
@@ -88,3 +94,107 @@ def test_validation_with_dropout_changes_nothing_and_resume_from_a_validation_st
     for run in (validated, resumed):
         got = trainable_from_checkpoint(run / "checkpoints" / "step_000004")
         assert all(torch.equal(want[k], got[k]) for k in want), run.name
+
+
+# --------------------------------------------------------------------------------------------------
+# Run ownership: a lock per run folder, prune keeps what live runs read, workers die with their owner
+
+TRAIN_SCRIPT = """
+import sys
+from pathlib import Path
+from ltxv_tuner import launch
+from ltxv_tuner.config import load_config
+run, manifest = Path(sys.argv[2]), Path(sys.argv[3])
+launch.train(load_config(sys.argv[1]), run, manifest, resume_from=run if sys.argv[4] == "resume" else None)
+"""
+
+
+def _start_training(tmp_path: Path, cfg, run: Path, manifest: Path, resume: bool) -> subprocess.Popen:
+    config = tmp_path / f"cfg_{time.monotonic_ns()}.yaml"
+    config.write_text(cfg.to_yaml())
+    args = [sys.executable, "-c", TRAIN_SCRIPT, str(config), str(run), str(manifest), "resume" if resume else "new"]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for(condition, what: str, timeout: float = 180) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_second_resume_of_a_live_run_is_refused_naming_the_process_then_a_stale_lock_is_taken_over(
+    tmp_path, manifest
+):
+    run = tmp_path / "outputs" / "run_20250101_000000"
+    training.train(make_config(tmp_path, training={"steps": 2}), run, manifest)
+    long = make_config(tmp_path, training={"steps": 100_000}, checkpoints={"interval": None})
+    first = _start_training(tmp_path, long, run, manifest, resume=True)
+    try:
+        _wait_for(lambda: (locks.read_holder(run / locks.RUN_LOCK_FILE) or {}).get("pid") == first.pid, "the lock")
+        with pytest.raises(UserError, match=rf"is being trained by process {first.pid} .*kill {first.pid}") as err:
+            pipeline.run(long, resume="latest")
+        assert "\n" not in str(err.value)
+        assert first.poll() is None  # the first one trains on
+    finally:
+        first.kill()
+        first.wait()
+    # The SIGKILLed holder left its lock behind: the next resume takes it over and trains.
+    assert locks.read_holder(run / locks.RUN_LOCK_FILE)["pid"] == first.pid
+    result = launch.train(make_config(tmp_path, training={"steps": 3}), run, manifest, resume_from=run)
+    assert result.final_step == 3
+    assert not (run / locks.RUN_LOCK_FILE).exists()
+
+
+def test_prune_keeps_the_files_of_a_manifest_a_live_run_reads(tmp_path):
+    from ltxv_tuner.cache import Manifest
+    from ltxv_tuner.preprocess import _prune
+
+    data = tmp_path / "data"
+    live = make_cache(data, seed=1)
+    other = Manifest.read(make_cache(data, buckets=((96, 64, 17),), seed=2))
+    root = live.parent.parent
+    files = lambda: sorted(p.name for p in root.glob("[lc]*/*.safetensors"))  # noqa: E731
+    before = files()
+    with locks.cache_reader(root, live):
+        assert _prune(root, other) == 0
+        assert files() == before
+    assert _prune(root, other) == 4  # the live run is gone: its 2 latents + 2 conditions go
+    assert len(files()) == 4
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_top_level_process_of_a_two_process_run_leaves_no_worker(tmp_path, sig):
+    manifest = make_cache(tmp_path / "data", clips_per_bucket=4)
+    cfg = make_config(tmp_path, training={"distributed": True, "num_processes": 2, "steps": 100_000},
+                      checkpoints={"interval": None})  # fmt: skip
+    run = tmp_path / "run"
+    top = _start_training(tmp_path, cfg, run, manifest, resume=False)
+    try:
+        _wait_for(lambda: (run / "logs" / "metrics.jsonl").is_file(), "the first training steps")
+        family = _descendants(top.pid)
+        assert len(family) >= 3  # the accelerate launcher and its two workers
+        os.kill(top.pid, sig)
+        top.wait()
+        _wait_for(lambda: not any(locks.pid_alive(p) for p in family), "the workers to die", timeout=30)
+    finally:
+        for p in _descendants(top.pid):
+            os.kill(p, signal.SIGKILL)
+        top.kill()
