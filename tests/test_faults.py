@@ -187,6 +187,7 @@ def test_killing_the_top_level_process_of_a_two_process_run_leaves_no_worker(tmp
                       checkpoints={"interval": None})  # fmt: skip
     run = tmp_path / "run"
     top = _start_training(tmp_path, cfg, run, manifest, resume=False)
+    family: list[int] = []
     try:
         _wait_for(lambda: (run / "logs" / "metrics.jsonl").is_file(), "the first training steps")
         family = _descendants(top.pid)
@@ -195,6 +196,7 @@ def test_killing_the_top_level_process_of_a_two_process_run_leaves_no_worker(tmp
         top.wait()
         _wait_for(lambda: not any(locks.pid_alive(p) for p in family), "the workers to die", timeout=30)
     finally:
-        for p in _descendants(top.pid):
-            os.kill(p, signal.SIGKILL)
+        for p in family + _descendants(top.pid):  # orphans of a failed run must not train on
+            if locks.pid_alive(p):
+                os.kill(p, signal.SIGKILL)
         top.kill()
