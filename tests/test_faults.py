@@ -3,7 +3,9 @@ a success, no run outlives its owner, nothing shared is deleted under a running 
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from test_training import make_cache, make_config, trainable_from_checkpoint
 
-from ltxv_tuner import checkpoints, launch, locks, pipeline, training
-from ltxv_tuner.errors import UserError
+from ltxv_tuner import cache, checkpoints, cli, launch, locks, pipeline, training
+from ltxv_tuner.config import load_config
+from ltxv_tuner.errors import ConfigError, UserError, explain_failure
 
 
 @pytest.fixture
@@ -200,3 +204,94 @@ def test_killing_the_top_level_process_of_a_two_process_run_leaves_no_worker(tmp
             if locks.pid_alive(p):
                 os.kill(p, signal.SIGKILL)
         top.kill()
+
+
+# --------------------------------------------------------------------------------------------------
+# OS and library failures: one line with the path and the fix, earlier data intact
+
+
+def _fill_disk_at(monkeypatch, marker: str) -> None:
+    """Every atomic write whose temp file lies under `marker` fails as on a full disk."""
+    real = cache.save_file
+
+    def save_file(tensors, path, metadata=None):
+        if marker in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(cache, "save_file", save_file)
+
+
+def test_disk_full_while_saving_a_checkpoint_is_one_line_and_earlier_checkpoints_are_intact(
+    tmp_path, manifest, monkeypatch
+):
+    run = tmp_path / "run"
+    cfg = make_config(tmp_path, training={"steps": 4}, checkpoints={"interval": 2})
+    _fill_disk_at(monkeypatch, ".tmp_step_000004")
+    with pytest.raises(UserError, match=r"step_000004.*: disk full while writing .*intact.*free space") as err:
+        training.train(cfg, run, manifest)
+    assert "\n" not in str(err.value)
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000002"]
+    before = trainable_from_checkpoint(run / "checkpoints" / "step_000002")
+    monkeypatch.undo()
+    assert training.train(cfg, run, manifest, resume_from=run).final_step == 4  # same command again, space freed
+    assert all(torch.equal(before[k], v) for k, v in trainable_from_checkpoint(run / "checkpoints/step_000002").items())
+
+
+@pytest.mark.parametrize(
+    ("failure", "answer"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "/x/a.bin"), "/x/a.bin: disk full"),
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64"), "disk full"),
+        (SafetensorError('IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'),
+         "disk full"),
+        (PermissionError(errno.EACCES, "Permission denied", "/x/b"), "/x/b: permission denied"),
+        (OSError(errno.EROFS, "Read-only file system", "/ro/c"), "/ro/c: read-only file system"),
+        (MemoryError(), "out of memory"),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+         "out of memory"),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "out of GPU memory"),
+    ],
+)  # fmt: skip
+def test_machine_failures_become_one_line_answers(failure, answer):
+    text = explain_failure(failure)
+    assert text is not None and text.startswith(answer) and "\n" not in text
+    assert explain_failure(ValueError("a bug")) is None
+
+
+def test_the_cli_answers_a_machine_failure_in_one_line(monkeypatch, capsys, quickstart_config):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(pipeline, "run", out_of_memory)
+    assert cli.main([str(quickstart_config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: out of memory") and "\n" not in err and "traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "answer"),
+    [
+        ("dataset:\n  data_folder: d\n".encode("utf-16"), "is UTF-16 encoded; save it as UTF-8"),
+        (b"\x00\x01\x02PK\x03\x04", "a binary file, not a YAML config"),
+        (b"# caf\xe9 clips\ndataset:\n  data_folder: d\n", "line 1: byte 0xe9 is not UTF-8"),
+    ],
+)
+def test_config_files_are_read_as_bytes_with_a_clear_encoding_error(tmp_path, content, answer):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(answer)):
+        load_config(path)
+
+
+def test_a_yaml_alias_bomb_is_answered_quickly_with_bounded_values(tmp_path):
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefg", "bcdefgh", strict=True):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("x:\n" + "".join(f"  {line}\n" for line in levels) + "dataset:\n  resolution_buckets: *h\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert time.monotonic() - started < 5
+    assert len(str(err.value)) < 10_000 and "more" in str(err.value)

@@ -19,7 +19,7 @@ import torch
 from . import checkpoints as ckpts
 from . import locks, logs, training
 from .config import Config, load_config
-from .errors import UserError
+from .errors import UserError, explain_failure
 from .preflight import check_accelerate_config, check_acceleration
 
 log = logging.getLogger("ltxv_tuner.launch")
@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C reaches every process; the launcher's parent says "interrupted" once
         return 130
+    except (Exception, MemoryError) as e:  # disk full, out of memory, ...: one line; anything else: the traceback
+        answer = explain_failure(e)
+        if answer is None:
+            raise
+        print(f"error: {answer}", file=sys.stderr)
+        return 2
     return 0
 
 
