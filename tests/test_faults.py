@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from test_training import make_cache, make_config, trainable_from_checkpoint
 
-from ltxv_tuner import cache, checkpoints, cli, launch, locks, pipeline, training
+from ltxv_tuner import cache, checkpoints, cli, launch, locks, pipeline, preflight, training
 from ltxv_tuner.config import load_config
 from ltxv_tuner.errors import ConfigError, UserError, explain_failure
 
@@ -295,3 +295,39 @@ def test_a_yaml_alias_bomb_is_answered_quickly_with_bounded_values(tmp_path):
         load_config(path)
     assert time.monotonic() - started < 5
     assert len(str(err.value)) < 10_000 and "more" in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths and every check that can run before preprocessing
+
+
+def _problems(tmp_path, **sections) -> str:
+    with pytest.raises(UserError) as err:
+        make_config(tmp_path, **sections)
+    return str(err.value)
+
+
+def test_empty_or_overlapping_paths_are_refused_at_config_time(tmp_path):
+    assert "dataset.data_folder: is empty, which would mean the folder you run in" in _problems(
+        tmp_path, dataset={"data_folder": " "}
+    )
+    assert "output_dir: is empty" in _problems(tmp_path, output_dir="")
+    inside = _problems(tmp_path, output_dir=str(tmp_path / "data" / "runs"))
+    assert "is inside dataset.data_folder" in inside and "put output_dir outside it" in inside
+    assert "output_dir" in _problems(tmp_path, output_dir=str(tmp_path / "data"))
+
+
+def test_checks_that_can_run_before_preprocessing_run_there(tmp_path, monkeypatch):
+    assert "seed: Input should be less than 2147483648" in _problems(tmp_path, seed=2**40)
+    assert "seed: Input should be greater than or equal to 0" in _problems(tmp_path, seed=-1)
+    real_find_spec = preflight.importlib.util.find_spec
+    monkeypatch.setattr(
+        preflight.importlib.util, "find_spec", lambda n: None if n == "bitsandbytes" else real_find_spec(n)
+    )
+    cfg = make_config(tmp_path, training={"optimizer_type": "adamw8bit"})
+    with pytest.raises(UserError, match="adamw8bit needs bitsandbytes"):
+        pipeline.run(cfg)
+    with pytest.raises(UserError, match="--run-dir x goes with --only convert; .*--resume x"):
+        pipeline.run(make_config(tmp_path), run_dir="x")
+    assert not (tmp_path / "data" / ".precomputed").exists()  # nothing preprocessed
+    assert not (tmp_path / "outputs").exists()  # no empty run folder

@@ -33,6 +33,12 @@ def shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def non_empty_path(v: str, example: str) -> str:
+    if not v.strip():
+        raise ValueError(f"is empty, which would mean the folder you run in; give a folder, e.g. {example}")
+    return v
+
+
 def check_video_dims(width: int, height: int, frames: int) -> list[str]:
     """Problems with a [width, height, frames] triple for the LTXV VAE (32x spatial, 8x temporal)."""
     problems = []
@@ -67,6 +73,12 @@ class PreprocessingConfig(_Section):
 
 class DatasetConfig(_Section):
     data_folder: str = Field(..., description="Folder of clip.mp4 + clip.txt pairs; the cache lives in .precomputed/.")
+
+    @field_validator("data_folder")
+    @classmethod
+    def _folder_given(cls, v: str) -> str:
+        return non_empty_path(v, "data/videos")
+
     resolution_buckets: list[list[int]] = Field(
         default_factory=lambda: [[768, 768, 97]],
         description="[width, height, frames] shapes; each clip goes to the best-fitting one. "
@@ -252,7 +264,14 @@ class Config(_Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     acceleration: AccelerationConfig = Field(default_factory=AccelerationConfig)
     output_dir: str = Field("outputs", description="Where run_YYYYMMDD_HHMMSS/ folders are created.")
-    seed: int = Field(42, description="Seed for weights init, noise, timesteps and data order.")
+    seed: int = Field(
+        42, ge=0, lt=2**31, description="Seed for weights init, noise, timesteps and data order (0 to 2^31-1)."
+    )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_given(cls, v: str) -> str:
+        return non_empty_path(v, "outputs")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -262,6 +281,12 @@ class Config(_Section):
             problems.append("validation.prompts: validation is on (interval set) but no prompts are given")
         if v.images is not None and len(v.images) != len(v.prompts):
             problems.append(f"validation.images: give one image per prompt ({len(v.prompts)}), got {len(v.images)}")
+        data, out = (Path(p).expanduser().resolve() for p in (self.dataset.data_folder, self.output_dir))
+        if out == data or data in out.parents:
+            problems.append(
+                f"output_dir: {self.output_dir} is inside dataset.data_folder {self.dataset.data_folder}, so the run's "
+                "own files (validation videos) would be read as clips; put output_dir outside it"
+            )
         q = self.acceleration.quantize_base
         if q != "none" and self.model.training_mode != "lora":
             problems.append(

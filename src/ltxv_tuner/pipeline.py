@@ -29,6 +29,7 @@ def run(
 ) -> Path | None:
     """Run the stages the config and flags ask for. Returns the run folder (None for `--only preprocess`)."""
     setup_console_logging()
+    preflight.check_flags(only, resume, run_dir)
     output_dir = Path(cfg.output_dir).expanduser()  # as data_folder: `~/runs` in a YAML is the home folder
     if only == "convert":
         target = ckpts.resolve_convert_target(run_dir, output_dir)
