@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import as_user_error
+
 CACHE_FORMAT_VERSION = 1
 
 # Temp files come out 0600; final files get the usual mode (the cache is shared by other configs and users,
@@ -84,9 +86,14 @@ def give_usual_mode(path: str | Path) -> None:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Run write(tmp) on a temp file beside `path`, give it the usual mode, fsync, rename: never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Run write(tmp) on a temp file beside `path`, give it the usual mode, fsync, rename: never a half file.
+    A failure of the machine (disk full, permission, read-only) is raised as a one-line `MachineError`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise as_user_error(e, path, path.name) or e from None
     os.close(fd)
     try:
         write(tmp)
@@ -94,8 +101,10 @@ def atomic_write(path: Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and (answer := as_user_error(e, path, path.name)) is not None:
+            raise answer from e  # disk full, permission, read-only: one line naming the file
         raise
 
 

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .cache import CacheFileError, load_tensors, read_header, save_tensors_atomic, write_json_atomic
-from .errors import UserError
+from .errors import UserError, as_user_error
 
 RUN_PREFIX = "run_"
 CHECKPOINTS_DIR = "checkpoints"
@@ -406,7 +406,14 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, write_we
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / STATE_DIR))
+    try:
+        accelerator.save_state(str(tmp / STATE_DIR))
+    except Exception as e:  # torch.save on a full disk says only "unexpected pos"
+        answer = as_user_error(e, tmp / STATE_DIR, f"the state of checkpoint step {step}")
+        if answer is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise answer from e
     accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
     if accelerator.is_main_process:
         write_weights(tmp)

@@ -9,7 +9,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, explain_failure
 
 STAGES = ("preprocess", "train", "convert")
 
@@ -67,16 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except Exception as e:  # the one place an unexpected error is turned into a short message
+    except BrokenPipeError:  # stdout closed early (`| head`): nothing left to tell
+        sys.stdout = None  # Python would report the pipe again when it flushes stdout at exit
+        return 1
+    except (Exception, MemoryError) as e:  # the one place an unexpected error is turned into a short message
         if debug:
             raise
+        answer = explain_failure(e)  # disk full, permission, read-only, out of memory
+        if answer is not None:
+            print(f"error: {answer}", file=sys.stderr)
+            return 2
         path = _save_traceback()
-        oom = "out of memory" in str(e).lower()
-        hint = (
-            "out of GPU memory: lower training.batch_size or resolution buckets, or set "
-            "training.enable_gradient_checkpointing: true"
-            if oom
-            else f"unexpected {type(e).__name__}: {e}"
+        print(
+            f"error: unexpected {type(e).__name__}: {str(e)[:300]}\n"
+            f"(full traceback saved to {path}; rerun with --debug to show it)",
+            file=sys.stderr,
         )
-        print(f"error: {hint}\n(full traceback saved to {path}; rerun with --debug to show it)", file=sys.stderr)
         return 1

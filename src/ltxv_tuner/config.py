@@ -22,6 +22,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as messages show it: bounded in depth, items and length, however large the value (a YAML alias
+    bomb expands to millions of items that share memory; rendering them whole would take minutes)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxother = 3, 6, 6, 6, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def non_empty_path(v: str, example: str) -> str:
+    if not v.strip():
+        raise ValueError(f"is empty, which would mean the folder you run in; give a folder, e.g. {example}")
+    return v
+
+
 def check_video_dims(width: int, height: int, frames: int) -> list[str]:
     """Problems with a [width, height, frames] triple for the LTXV VAE (32x spatial, 8x temporal)."""
     problems = []
@@ -80,6 +97,12 @@ class PreprocessingConfig(_Section):
 
 class DatasetConfig(_Section):
     data_folder: str = Field(..., description="Folder of clip.mp4 + clip.txt pairs; the cache lives in .precomputed/.")
+
+    @field_validator("data_folder")
+    @classmethod
+    def _folder_given(cls, v: str) -> str:
+        return non_empty_path(v, "data/videos")
+
     resolution_buckets: list[list[int]] = Field(
         default_factory=lambda: [[768, 768, 97]],
         description="[width, height, frames] shapes; each clip goes to the best-fitting one. "
@@ -98,7 +121,9 @@ class DatasetConfig(_Section):
     @classmethod
     def _flat_bucket(cls, v: Any) -> Any:
         if isinstance(v, list) and v and all(isinstance(x, int) for x in v):
-            raise ValueError(f"expected a list of [width, height, frames] buckets, got the flat list {v} (write [{v}])")
+            raise ValueError(
+                f"expected a list of [width, height, frames] buckets, got the flat list {shown(v)} (write [{shown(v)}])"
+            )
         return v
 
     @field_validator("resolution_buckets")
@@ -109,7 +134,7 @@ class DatasetConfig(_Section):
         problems = []
         for i, b in enumerate(buckets):
             if len(b) != 3:
-                problems.append(f"[{i}]: expected [width, height, frames], got {b}")
+                problems.append(f"[{i}]: expected [width, height, frames], got {shown(b)}")
                 continue
             problems += [f"[{i}]: {p}" for p in check_video_dims(*b)]
         if len({tuple(b) for b in buckets}) != len(buckets):
@@ -301,7 +326,7 @@ class ValidationConfig(_Section):
     @classmethod
     def _dims(cls, v: list[int]) -> list[int]:
         if len(v) != 3:
-            raise ValueError(f"expected [width, height, frames], got {v}")
+            raise ValueError(f"expected [width, height, frames], got {shown(v)}")
         if problems := check_video_dims(*v):
             raise ValueError("; ".join(problems))
         return v
@@ -345,7 +370,14 @@ class Config(_Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     acceleration: AccelerationConfig = Field(default_factory=AccelerationConfig)
     output_dir: str = Field("outputs", description="Where run_YYYYMMDD_HHMMSS/ folders are created.")
-    seed: int = Field(42, description="Seed for weights init, noise, timesteps and data order.")
+    seed: int = Field(
+        42, ge=0, lt=2**31, description="Seed for weights init, noise, timesteps and data order (0 to 2^31-1)."
+    )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_given(cls, v: str) -> str:
+        return non_empty_path(v, "outputs")
 
     def _strategy_problems(self) -> list[str]:
         v, ic = self.validation, self.training.strategy == "ic_lora"
@@ -380,6 +412,12 @@ class Config(_Section):
         if v.images is not None and len(v.images) != len(v.prompts):
             problems.append(f"validation.images: give one image per prompt ({len(v.prompts)}), got {len(v.images)}")
         problems += self._strategy_problems()
+        data, out = (Path(p).expanduser().resolve() for p in (self.dataset.data_folder, self.output_dir))
+        if out == data or data in out.parents:
+            problems.append(
+                f"output_dir: {self.output_dir} is inside dataset.data_folder {self.dataset.data_folder}, so the run's "
+                "own files (validation videos) would be read as clips; put output_dir outside it"
+            )
         q = self.acceleration.quantize_base
         if q != "none" and self.model.training_mode != "lora":
             problems.append(
@@ -448,16 +486,16 @@ def _format_error(err: dict) -> str:
     etype = err["type"]
     got = err.get("input")
     if etype == "model_type":
-        what = "a list" if isinstance(got, list) else repr(got)
+        what = "a list" if isinstance(got, list) else shown(got)
         if isinstance(got, list):
             fix = "remove the '- ' before its keys"
         else:
             fix = f"set a key inside it, e.g. {path}.KEY=VALUE"
         return f"{path}: is a section of `key: value` lines, got {what} ({fix})"
     if etype == "list_type" and not isinstance(got, dict):
-        return f"{path}: expected a list, got {got!r}" + (f" (write [{got}])" if isinstance(got, str) else "")
+        return f"{path}: expected a list, got {shown(got)}" + (f" (write [{got[:80]}])" if isinstance(got, str) else "")
     if etype == "string_type" and isinstance(got, (bool, int, float)):
-        return f"{path}: expected text, got {got!r} (YAML read it as a {type(got).__name__}: put it in quotes)"
+        return f"{path}: expected text, got {shown(got)} (YAML read it as a {type(got).__name__}: put it in quotes)"
     if etype == "extra_forbidden":
         key = str(loc[-1])
         known = _known_keys(Config, loc[:-1])
@@ -482,7 +520,7 @@ def _format_error(err: dict) -> str:
             else:
                 out.append(f"{path}: {m}" if path else m)
         return "\n".join(out)
-    got_s = f" (got {got!r})" if etype not in ("value_error",) and not isinstance(got, dict) else ""
+    got_s = f" (got {shown(got)})" if etype not in ("value_error",) and not isinstance(got, dict) else ""
     return f"{path}: {msg}{got_s}"
 
 
@@ -552,6 +590,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def read_config_text(path: Path) -> str:
+    """The file as UTF-8 text (a UTF-8 BOM is fine), read as bytes so that a binary file, another encoding or
+    an unreadable file gets one line with the fix instead of a decoder traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the config file ({e.strerror or e}); check its permissions"]) from None
+    save_as = "save it as UTF-8 (most editors: Save with Encoding -> UTF-8)"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError([f"{path}: the config file is UTF-16 encoded; {save_as}"])
+    if b"\x00" in data[:4096]:
+        raise ConfigError([f"{path}: a binary file, not a YAML config (it contains NUL bytes); pass the .yaml file"])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            [f"{path}: line {line}: byte 0x{data[e.start]:02x} is not UTF-8 (e.g. a Latin-1 accent); {save_as}"]
+        ) from None
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -559,7 +618,7 @@ def load_yaml(path: str | Path) -> dict:
             [f"{path}: config file not found (pass the path to a YAML file, e.g. configs/quickstart.yaml)"]
         )
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        raw = yaml.load(read_config_text(path), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

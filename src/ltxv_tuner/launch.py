@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoints as ckpts
-from . import logs, training
+from . import locks, logs, training
 from .config import Config, load_config
-from .errors import UserError
+from .errors import UserError, explain_failure
 from .preflight import check_accelerate_config, check_acceleration
 
 log = logging.getLogger("ltxv_tuner.launch")
@@ -35,9 +35,26 @@ def train(cfg: Config, run_dir: Path, manifest_path: Path, resume_from: Path | N
     """Train on the manifest's cached clips: in this process, or in several through `accelerate launch`
     (`training.distributed` / `training.accelerate_config`)."""
     check_acceleration(cfg)
-    if wants_distributed(cfg):
-        return train_distributed(cfg, run_dir, manifest_path, resume_from)
-    return training.train(cfg, run_dir, manifest_path, resume_from)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    # One process trains a run at a time; a prune by another config keeps the files this run reads.
+    with locks.run_lock(run_dir), locks.cache_reader(Path(manifest_path).parent.parent, manifest_path):
+        if wants_distributed(cfg):
+            return train_distributed(cfg, run_dir, manifest_path, resume_from)
+        return training.train(cfg, run_dir, manifest_path, resume_from)
+
+
+def die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies (also when the parent is SIGKILLed and
+    can clean up nothing). Elsewhere a no-op."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _free_port() -> int:
@@ -87,7 +104,17 @@ def train_distributed(
     cmd = launch_command(cfg, run_dir, manifest_path, resume_from)
     log.info("launching: %s", " ".join(cmd))
     env = {**os.environ, LAUNCHED_ENV: "1"}
-    rc = subprocess.run(cmd, env=env, check=False).returncode  # output streams live to the terminal
+    # The launcher dies with this process (and each worker with the launcher, see `main`), however this one
+    # ends: no orphaned workers keep training and writing checkpoints. Output streams live to the terminal.
+    with subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent if sys.platform == "linux" else None) as proc:
+        try:
+            rc = proc.wait()
+        except BaseException:  # Ctrl-C reaches the launcher too (same process group); give it time to stop
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if rc != 0:
         raise UserError(f"distributed training failed (exit code {rc}); see the output above and {run_log}")
     if not result_file.is_file():
@@ -108,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--resume", default=None, help="run folder to continue from")
     args = parser.parse_args(argv)
+    die_with_parent()  # the accelerate launcher; it dies with the top-level process
     logs.quiet_libraries()  # each launched process would repeat diffusers' load-time warnings
     try:
         cfg = load_config(args.config)
@@ -118,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C reaches every process; the launcher's parent says "interrupted" once
         return 130
+    except (Exception, MemoryError) as e:  # disk full, out of memory, ...: one line; anything else: the traceback
+        answer = explain_failure(e)
+        if answer is None:
+            raise
+        print(f"error: {answer}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,12 +7,13 @@ checkpoints in `checkpoints.py`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
 
 from . import checkpoints as ckpts
-from . import preflight
+from . import locks, preflight
 from .config import Config
 from .logs import attach_run_log, setup_console_logging
 
@@ -28,6 +29,7 @@ def run(
 ) -> Path | None:
     """Run the stages the config and flags ask for. Returns the run folder (None for `--only preprocess`)."""
     setup_console_logging()
+    preflight.check_flags(only, resume, run_dir)
     output_dir = Path(cfg.output_dir).expanduser()  # as data_folder: `~/runs` in a YAML is the home folder
     if only == "convert":
         target = ckpts.resolve_convert_target(run_dir, output_dir)
@@ -37,17 +39,25 @@ def run(
 
     started = time.time()
     resume_target = preflight.check(cfg, only=only, resume=resume)
-    manifest = find_cache(cfg) if only == "train" else stage_preprocess(cfg)
-    if only == "preprocess":
-        return None
-    target = open_run(cfg, output_dir, resume_target, config_path)
-    result = stage_train(cfg, target, manifest, resume=resume_target is not None)
+    with contextlib.ExitStack() as held:
+        if resume_target is not None:  # a second resume of this run is refused before it preprocesses anything
+            held.enter_context(locks.run_lock(resume_target.run_dir))
+        manifest = find_cache(cfg) if only == "train" else stage_preprocess(cfg)
+        if only == "preprocess":
+            return None
+        target = open_run(cfg, output_dir, resume_target, config_path)
+        held.enter_context(locks.run_lock(target))  # re-entrant when resuming
+        result = stage_train(cfg, target, manifest, resume=resume_target is not None)
+        _convert_after_training(cfg, target, only)
+    print_summary(target, result, time.time() - started)
+    return target
+
+
+def _convert_after_training(cfg: Config, target: Path, only: str | None) -> None:
     if cfg.checkpoints.auto_convert_to_comfy and only is None:
         stage_convert(target)
     elif only is None:
         log.info("convert: skipped (checkpoints.auto_convert_to_comfy is false; run --only convert later)")
-    print_summary(target, result, time.time() - started)
-    return target
 
 
 def find_cache(cfg: Config) -> Path:

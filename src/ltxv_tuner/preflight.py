@@ -34,11 +34,21 @@ class ResumeTarget:
     step: int
 
 
+def check_flags(only: str | None, resume: str | None, run_dir: str | None) -> None:
+    """Command-line flags that would be ignored are refused (never silently dropped)."""
+    if resume and only in ("preprocess", "convert"):
+        raise UserError(f"--resume goes with training; drop it or drop --only {only}")
+    if run_dir and only != "convert":
+        raise UserError(
+            f"--run-dir {run_dir} goes with --only convert; to continue training that run use --resume {run_dir}"
+        )
+
+
 def check(cfg: Config, only: str | None = None, resume: str | None = None) -> ResumeTarget | None:
     """All pre-work checks for a pipeline run (not `--only convert`, which needs none of them)."""
-    if resume and only == "preprocess":
-        raise UserError("--resume goes with training; drop it or drop --only preprocess")
+    check_flags(only, resume, None)
     check_acceleration(cfg)  # an option that cannot run should not cost an encode first
+    check_optimizer(cfg)
     check_tracker(cfg)
     if cfg.training.accelerate_config and Path(cfg.training.accelerate_config).is_file():
         check_accelerate_config(Path(cfg.training.accelerate_config), cfg)
@@ -79,6 +89,14 @@ def check_acceleration(cfg: Config) -> None:
         raise UserError(
             f"acceleration.block_swap: {a.block_swap} is not available yet (swapping blocks between CPU and GPU is "
             "not implemented); use 0"
+        )
+
+
+def check_optimizer(cfg: Config) -> None:
+    if cfg.training.optimizer_type == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            "training.optimizer_type: adamw8bit needs bitsandbytes, which is not installed "
+            "(venv/bin/pip install bitsandbytes, or set training.optimizer_type: adamw)"
         )
 
 

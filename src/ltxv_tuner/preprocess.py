@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import locks
 from .cache import (
     CACHE_FORMAT_VERSION,
     CachedClip,
@@ -579,8 +580,21 @@ def _reusable(mpath: Path, root: Path, settings: dict, sources: dict, with_decod
     return manifest
 
 
+def _clip_files(root: Path, clips: list[CachedClip]) -> set[Path]:
+    files = {latent_path(root, c.latent_key) for c in clips} | {decoded_path(root, c.latent_key) for c in clips}
+    return files | {condition_path(root, c.condition_key) for c in clips}
+
+
 def _prune(root: Path, manifest: Manifest) -> int:
-    keep = {root / rel for rel in manifest.files}
+    """Delete cache files no clip of `manifest` refers to, except those of manifests a live run is reading
+    (another config's training must not lose its files mid-run)."""
+    keep = {root / rel for rel in manifest.files} | _clip_files(root, manifest.clips)
+    for held in locks.live_reader_manifests(root):
+        try:
+            keep |= _clip_files(root, Manifest.read(held).clips)
+        except (OSError, ValueError, KeyError, TypeError):
+            print(f"  prune skipped: a live run reads {held}, which cannot be read here")
+            return 0
     n = 0
     for folder in (latents_dir(root), conditions_dir(root), decoded_dir(root)):
         if not folder.is_dir():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -403,11 +404,24 @@ def setup(accelerator, cfg: Config, run_dir: Path, manifest_path: Path, resume_c
     return tr
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter's own shard; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _save(tr: Trainer) -> None:
     from . import export
 
     cfg, accelerator = tr.cfg, tr.accelerator
     lora = cfg.model.training_mode == "lora"
+    # Finite losses and gradients can still overflow the weights: never export a non-finite weight file. Each
+    # process checks its own (shards of the) weights; every process learns the verdict, so none waits for another.
+    finite = torch.stack([_local(p).detach().isfinite().all() for p in tr.params]).all().float()
+    if not bool(accelerator.reduce(finite, reduction="mean") == 1.0):
+        raise NonFiniteError(
+            f"training stopped at step {tr.step}: the trained weights are no longer finite numbers, so no checkpoint "
+            "was written for it; lower training.learning_rate or use training.mixed_precision_mode: bf16"
+        )
     gathered = None
     if sharding.is_sharded(tr.model):  # every process takes part in the gather; process 0 writes the file
         gathered = sharding.gather_state_dict(tr.model, (lambda n: "lora_" in n) if lora else (lambda n: True))
@@ -463,8 +477,11 @@ def fit(tr: Trainer) -> tuple[float | None, int | None]:
         bar.update(1)
         interval = cfg.checkpoints.interval
         checkpoint_now = tr.step == t.steps or (interval is not None and tr.step % interval == 0)
-        if tr.step % LOG_EVERY == 0 or checkpoint_now:
-            final_loss = _flush_metrics(accelerator, pending, tr.metrics_path, bar)
+        validate_now = bool(cfg.validation.interval) and tr.step % cfg.validation.interval == 0
+        # A flush is where non-finite losses/gradients are noticed: always before a checkpoint or a validation,
+        # so weights that went NaN are never exported nor rendered.
+        if tr.step % LOG_EVERY == 0 or checkpoint_now or validate_now:
+            final_loss = _flush_metrics(accelerator, pending, tr.metrics_path, bar, last_saved)
         if checkpoint_now:
             _save(tr)
             last_saved = tr.step
@@ -473,9 +490,11 @@ def fit(tr: Trainer) -> tuple[float | None, int | None]:
                     metrics.read_metrics(tr.metrics_path), tr.metrics_path.with_name(metrics.LOSS_PNG)
                 )
             tick = time.perf_counter()  # saving is not a training step
-        if cfg.validation.interval and tr.step % cfg.validation.interval == 0:
+        if validate_now:
             _validate(tr)
             tick = time.perf_counter()
+    if pending:  # the last steps since a flush (a resume at the final step has none)
+        final_loss = _flush_metrics(accelerator, pending, tr.metrics_path, bar, last_saved)
     bar.close()
     return final_loss, last_saved
 
@@ -502,17 +521,42 @@ def finish(tr: Trainer, final_loss: float | None, last_saved: int | None, starte
     return result
 
 
-def _flush_metrics(accelerator, pending: list[dict], path: Path, bar) -> float | None:
-    """One host sync for the losses/grad norms of the last few steps (averaged over processes), then log them."""
+class NonFiniteError(UserError):
+    """The loss or the gradients stopped being finite numbers: the run stops, nothing of that step is exported."""
+
+
+def non_finite_error(row: dict, last_saved: int | None) -> NonFiniteError:
+    kept = f"the last good checkpoint is step {last_saved}" if last_saved else "no checkpoint was written"
+    return NonFiniteError(
+        f"training stopped at step {row['step']}: loss {row['loss']}, gradient norm {row['grad_norm']} (not finite); "
+        f"no weights of this step were exported and {kept}. Likely causes: the learning rate "
+        f"({row['lr']:.3g} at this step) too high, fp16 overflow (use training.mixed_precision_mode: bf16), "
+        "or damaged cached latents (delete <data_folder>/.precomputed/); "
+        "fix it and start again or resume with --resume latest"
+    )
+
+
+def _flush_metrics(accelerator, pending: list[dict], path: Path, bar, last_saved: int | None = None) -> float | None:
+    """One host sync for the losses/grad norms of the last few steps (averaged over processes), then log them.
+    A non-finite loss or gradient norm (the same on every process: both are synced) stops the run naming its
+    step, after the finite rows before it are written."""
     if not pending:
         return None
     losses = accelerator.reduce(torch.stack([r["loss"] for r in pending]).float(), reduction="mean").tolist()
     norms = torch.stack([torch.as_tensor(r["grad_norm"]).float().reshape(()) for r in pending]).tolist()
     peak = metrics.peak_memory_mb(accelerator.device)
-    rows = []
+    rows, bad = [], None
     for r, loss, norm in zip(pending, losses, norms, strict=True):
-        rows.append({**r, "loss": loss, "grad_norm": norm, "peak_memory_mb": round(peak, 1)})
+        row = {**r, "loss": loss, "grad_norm": norm, "peak_memory_mb": round(peak, 1)}
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            bad = row
+            break
+        rows.append(row)
     pending.clear()
+    if bad is not None:
+        if accelerator.is_main_process and rows:
+            metrics.append_metrics(path, rows)
+        raise non_finite_error(bad, last_saved)
     if accelerator.is_main_process:
         metrics.append_metrics(path, rows)
         if accelerator.log_with:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -212,12 +213,33 @@ def _record(cfg: Config, s: dict, step: int, prompt: str, index: int, seed: int)
     }  # fmt: skip
 
 
+@contextlib.contextmanager
+def own_random_state(device: torch.device):
+    """Whatever validation draws (model loading seeds, the pipeline, the scheduler) leaves the global random
+    states of torch (CPU and this GPU), numpy and `random` as they were: the training stream (dropout, ...) is
+    the same with or without validation, and a resume from a validation step stays exact."""
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+
+
 def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, step: int) -> list[Path]:
-    """Render every validation prompt with `transformer` as it is now; returns the mp4 paths."""
-    v = cfg.validation
-    if not v.prompts:
+    """Render every validation prompt with `transformer` as it is now, with its own seeded generators and without
+    touching the global random states; returns the mp4 paths."""
+    if not cfg.validation.prompts:
         return []
     device = next(transformer.parameters()).device
+    with own_random_state(device):
+        return _render(cfg, transformer, run_dir, step, device)
+
+
+def _render(cfg: Config, transformer: torch.nn.Module, run_dir: Path, step: int, device: torch.device) -> list[Path]:
+    v = cfg.validation
     mixed = cfg.training.mixed_precision_mode
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed) if device.type == "cuda" else None
     parts_dtype = torch.float32 if device.type == "cpu" else (autocast_dtype or torch.float32)
