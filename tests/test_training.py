@@ -126,8 +126,8 @@ def test_image_to_video_is_trained_by_default():
 
 def test_conditioned_first_frame_is_clean_at_timestep_zero_and_out_of_the_loss():
     x0 = torch.randn(3, 12, 8)  # 3 latent frames of 4 tokens
-    tokens, timestep, target, keep = text_to_video.prepare(x0, 4, 0.0, torch.Generator().manual_seed(0),
-                                                           _conditioning_cfg(1.0))  # fmt: skip
+    inputs = text_to_video.prepare(x0, 4, 0.0, torch.Generator().manual_seed(0), _conditioning_cfg(1.0))
+    tokens, timestep, target, keep = inputs.tokens, inputs.timestep, inputs.target, inputs.loss_mask
     assert torch.equal(tokens[:, :4], x0[:, :4])  # given as is
     assert (timestep[:, :4] == 0).all() and (timestep[:, 4:] > 0).all()
     assert (timestep[:, 4:] == timestep[:, 4:5]).all()  # one noise level per sample on the rest
@@ -142,10 +142,12 @@ def test_conditioned_first_frame_is_clean_at_timestep_zero_and_out_of_the_loss()
 def test_one_latent_frame_is_never_conditioned_but_video_buckets_still_are():
     cfg = _conditioning_cfg(1.0)
     image = torch.randn(2, 4, 8)  # one latent frame
-    _, timestep, _, keep = text_to_video.prepare(image, 4, 0.0, torch.Generator().manual_seed(0), cfg)
+    out = text_to_video.prepare(image, 4, 0.0, torch.Generator().manual_seed(0), cfg)
+    timestep, keep = out.timestep, out.loss_mask
     assert keep is None and timestep.shape == (2,) and (timestep > 0).all()
     video = torch.randn(2, 8, 8)  # same run, a 9-frame bucket: still image-to-video
-    _, timestep, _, keep = text_to_video.prepare(video, 4, 0.0, torch.Generator().manual_seed(0), cfg)
+    out = text_to_video.prepare(video, 4, 0.0, torch.Generator().manual_seed(0), cfg)
+    timestep, keep = out.timestep, out.loss_mask
     assert (timestep[:, :4] == 0).all() and not keep[:, :4].any()
 
 
@@ -160,7 +162,7 @@ def test_a_one_frame_bucket_with_p_1_trains_every_step(tmp_path, monkeypatch):
 
     def spy(x0, tokens_per_frame, *args):
         out = real(x0, tokens_per_frame, *args)
-        seen.append((x0.shape[1] // tokens_per_frame, out[3] is not None))
+        seen.append((x0.shape[1] // tokens_per_frame, out.loss_mask is not None))
         return out
 
     monkeypatch.setattr(text_to_video, "prepare", spy)

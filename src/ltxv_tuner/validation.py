@@ -235,10 +235,12 @@ def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, ste
         return []
     device = next(transformer.parameters()).device
     with own_random_state(device):
-        return _render(cfg, transformer, run_dir, step, device)
+        return _render_all(cfg, transformer, run_dir, step, device)
 
 
-def _render(cfg: Config, transformer: torch.nn.Module, run_dir: Path, step: int, device: torch.device) -> list[Path]:
+def _render_all(
+    cfg: Config, transformer: torch.nn.Module, run_dir: Path, step: int, device: torch.device
+) -> list[Path]:
     v = cfg.validation
     mixed = cfg.training.mixed_precision_mode
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed) if device.type == "cuda" else None
