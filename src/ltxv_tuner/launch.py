@@ -97,6 +97,12 @@ def train_distributed(
     return training.TrainResult.from_json(json.loads(result_file.read_text(encoding="utf-8")))
 
 
+def console_process() -> bool:
+    """The one launched process per machine that prints the run's story on the terminal (local rank 0): the
+    others would repeat every line. On the main machine it is the process that writes the files, too."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of each process started by `accelerate launch` (and usable by hand)."""
     parser = argparse.ArgumentParser(
@@ -109,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None, help="run folder to continue from")
     args = parser.parse_args(argv)
     logs.quiet_libraries()  # each launched process would repeat diffusers' load-time warnings
+    if console_process():
+        logs.setup_console_logging(keep_backlog=False)
+    else:
+        logs.silence_console()
     try:
         cfg = load_config(args.config)
         resume = Path(args.resume) if args.resume else None
