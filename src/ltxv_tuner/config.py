@@ -198,7 +198,11 @@ class ValidationConfig(_Section):
         "worst quality, inconsistent motion, blurry, jittery, distorted",
         description="Negative prompt for validation videos.",
     )
-    images: list[str] | None = Field(None, description="First-frame images, one per prompt (image-to-video).")
+    images: list[str | None] | None = Field(
+        None,
+        description="First-frame images, one per prompt (image-to-video); null for a prompt that stays "
+        "text-to-video, e.g. [first.png, null].",
+    )
     video_dims: list[int] = Field(
         default_factory=lambda: [256, 256, 25], description="[width, height, frames] of validation videos."
     )
@@ -248,7 +252,10 @@ class Config(_Section):
         if v.interval is not None and not v.prompts:
             problems.append("validation.prompts: validation is on (interval set) but no prompts are given")
         if v.images is not None and len(v.images) != len(v.prompts):
-            problems.append(f"validation.images: give one image per prompt ({len(v.prompts)}), got {len(v.images)}")
+            problems.append(
+                f"validation.images: give one image per prompt ({len(v.prompts)}), got {len(v.images)} (null for a "
+                "text-only prompt, e.g. images: [first.png, null])"
+            )
         q = self.acceleration.quantize_base
         if q != "none" and self.model.training_mode != "lora":
             problems.append(

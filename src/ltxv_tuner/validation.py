@@ -37,13 +37,17 @@ def final_prompts(cfg: Config) -> list[str]:
     return [f"{token} {p}" if token and not p.startswith(token) else p for p in cfg.validation.prompts]
 
 
-def load_images(cfg: Config) -> list | None:
+def load_images(cfg: Config) -> list:
+    """One first-frame image per prompt, None where the prompt is text-only (no `validation.images`: all)."""
     if cfg.validation.images is None:
-        return None
+        return [None] * len(cfg.validation.prompts)
     from PIL import Image
 
     images = []
     for i, path in enumerate(cfg.validation.images):
+        if path is None:
+            images.append(None)
+            continue
         try:
             images.append(Image.open(path).convert("RGB"))
         except OSError as e:
@@ -94,9 +98,13 @@ def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, ste
     vae.to(device)
     text_encoder.to(device)
     images = load_images(cfg)
-    pipe = family(cfg.model).validation_pipeline(
-        cfg.model, transformer, vae, tokenizer, text_encoder, image_to_video=images is not None
-    )
+    # Text-to-video and image-to-video pipelines share every component; each is built only when a prompt needs it.
+    pipes = {
+        i2v: family(cfg.model).validation_pipeline(
+            cfg.model, transformer, vae, tokenizer, text_encoder, image_to_video=i2v
+        )
+        for i2v in {image is not None for image in images}
+    }
     width, height, frames = v.video_dims
     steps = v.inference_steps
     if steps < 2:  # LTXV's scheduler (shift_terminal) divides by zero with a single step
@@ -113,8 +121,8 @@ def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, ste
                 # One video per call: less memory, and diffusers' image-to-video decode breaks for batches > 1.
                 for j in range(v.videos_per_prompt):
                     generator = torch.Generator(device).manual_seed(v.seed + 1000 * i + j)
-                    kwargs = {"image": images[i]} if images is not None else {}
-                    video = pipe(
+                    kwargs = {"image": images[i]} if images[i] is not None else {}
+                    video = pipes[images[i] is not None](
                         prompt=prompt,
                         negative_prompt=v.negative_prompt,
                         width=width,
