@@ -404,7 +404,9 @@ def test_previews_are_named_after_clip_and_bucket_and_follow_bucket_changes(tmp_
 KILL_SCRIPT = """
 import sys
 from ltxv_tuner.config import validate_config
+from ltxv_tuner.logs import setup_console_logging
 from ltxv_tuner.preprocess import run_preprocess
+setup_console_logging(keep_backlog=False)  # the report goes through the package's console, as in train.py
 cfg = validate_config({"dataset": {"data_folder": sys.argv[1], "resolution_buckets": [[128, 96, 17]],
                                    "preprocessing": {"max_text_length": 32}}, "model": {"model_source": "tiny"}})
 run_preprocess(cfg)
