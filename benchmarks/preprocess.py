@@ -1,10 +1,15 @@
-"""Preprocessing cache benchmark on the tiny model: cold run, warm (no-work) run, adding one clip.
+"""Preprocessing benchmark on the tiny model: the encoding stage against its limit, warm and whole-process no-op.
 
-    python benchmarks/preprocess.py [--clips 50] [--frames 17] [--size 128x96] [--workers 0] [--keep DIR]
+    python benchmarks/preprocess.py [--clips 50] [--frames 17] [--size 128x96] [--workers 0,1,2] [--repeat 3]
 
-Generates N smooth synthetic clips (tests/videogen.py), then times run_preprocess in this process:
-cold (empty cache), warm (nothing changed: the target is <= 2% of cold), and one new clip added.
-Model construction is inside the timings, as a user would see it.
+Generates N smooth synthetic clips (tests/videogen.py), then prints, in one run (compare figures within a run:
+shared machines are noisy):
+- limit: clips/s of the T5 + VAE encoding alone, on clips decoded beforehand (what the stage is bound by);
+- cold: clips/s of the whole preprocessing call (scan, decode, encode, write) per num_workers, best and median
+  of --repeat runs, and the share of the limit it reaches;
+- warm: the same call with nothing to do, and after adding one clip (exactly one latent is encoded);
+- no-op process: `python train.py CONFIG --only preprocess` on the complete cache, next to `python -c "import
+  torch"` (the floor of any PyTorch process).
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import argparse
 import contextlib
 import io
 import re
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,10 +29,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+import torch  # noqa: E402
+import yaml  # noqa: E402
 from videogen import make_clip  # noqa: E402
 
+from ltxv_tuner.cache import cache_root  # noqa: E402
 from ltxv_tuner.config import validate_config  # noqa: E402
+from ltxv_tuner.logs import quiet_libraries  # noqa: E402
+from ltxv_tuner.models import ltxv, ltxv_tiny  # noqa: E402
 from ltxv_tuner.preprocess import run_preprocess  # noqa: E402
+from ltxv_tuner.video import frames_to_vae_input, read_clip  # noqa: E402
 
 
 def timed(cfg) -> tuple[float, str]:
@@ -35,45 +49,89 @@ def timed(cfg) -> tuple[float, str]:
     return time.perf_counter() - t0, out.getvalue()
 
 
+def raw_config(folder: Path, w: int, h: int, workers: int) -> dict:
+    return {
+        "dataset": {
+            "data_folder": str(folder),
+            "resolution_buckets": [[w // 32 * 32, h // 32 * 32, 17]],
+            "preprocessing": {"num_workers": workers},
+        },
+        "model": {"model_source": "tiny"},
+    }
+
+
+@torch.inference_mode()
+def encode_limit(folder: Path, clips: list[Path], w: int, h: int) -> float:
+    """Seconds for T5 on every caption + the VAE on every clip, frames decoded and converted beforehand."""
+    pixels = [frames_to_vae_input(read_clip(c, w // 32 * 32, h // 32 * 32, 17)[0])[None] for c in clips]
+    captions = [c.with_suffix(".txt").read_text().strip() for c in clips]
+    tok, enc, vae = ltxv_tiny.build_tiny_tokenizer(), ltxv_tiny.build_tiny_text_encoder(), ltxv_tiny.build_tiny_vae()
+    t0 = time.perf_counter()
+    for text in captions:
+        ltxv.encode_captions(tok, enc, [text], 128, "cpu")
+    for x in pixels:
+        ltxv.encode_video(vae, x)
+    return time.perf_counter() - t0
+
+
+def process_noop(config: Path, repeat: int) -> tuple[list[float], list[float]]:
+    def run(cmd: list[str]) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+    noop = [run([sys.executable, str(ROOT / "train.py"), str(config), "--only", "preprocess"]) for _ in range(repeat)]
+    floor = [run([sys.executable, "-c", "import torch"]) for _ in range(repeat)]
+    return noop, floor
+
+
+def stats(values: list[float]) -> str:
+    return f"best {min(values):.2f} s, median {statistics.median(values):.2f} s"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=50)
     p.add_argument("--frames", type=int, default=17, help="frames per generated clip (bucket uses 17)")
     p.add_argument("--size", default="128x96")
-    p.add_argument("--workers", type=int, default=0, help="preprocessing.num_workers")
-    p.add_argument("--keep", type=Path, default=None, help="write the data here instead of a temp folder")
+    p.add_argument("--workers", default="0,1,2", help="preprocessing.num_workers values to compare")
+    p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
+    quiet_libraries()
     w, h = map(int, args.size.split("x"))
+    workers = [int(x) for x in args.workers.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; {args.clips} clips {args.size}x17")
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.keep or Path(tmp) / "data"
-        t0 = time.perf_counter()
-        for i in range(args.clips):
-            make_clip(folder / f"clip{i:03d}.mp4", w, h, args.frames, seed=i, caption=f"a red ball bouncing {i}")
-        print(f"generated {args.clips} clips {w}x{h}x{args.frames} in {time.perf_counter() - t0:.1f} s")
+        folder = Path(tmp) / "data"
+        clips = [folder / f"clip{i:03d}.mp4" for i in range(args.clips)]
+        for i, clip in enumerate(clips):
+            make_clip(clip, w, h, args.frames, seed=i, caption=f"a red ball bouncing {i}")
 
-        cfg = validate_config(
-            {
-                "dataset": {
-                    "data_folder": str(folder),
-                    "resolution_buckets": [[w // 32 * 32, h // 32 * 32, 17]],
-                    "preprocessing": {"num_workers": args.workers},
-                },
-                "model": {"model_source": "tiny"},
-            }
-        )
-        cold, _ = timed(cfg)
+        limit = min(encode_limit(folder, clips, w, h) for _ in range(args.repeat))
+        print(f"limit: T5 + VAE alone on decoded clips: {args.clips / limit:6.1f} clips/s (best of {args.repeat})")
+        for n in workers:
+            cfg = validate_config(raw_config(folder, w, h, n))
+            runs = []
+            for _ in range(args.repeat):
+                shutil.rmtree(cache_root(folder), ignore_errors=True)
+                runs.append(timed(cfg)[0])
+            rate = args.clips / min(runs)
+            print(
+                f"cold, num_workers={n}: {rate:6.1f} clips/s best ({args.clips / statistics.median(runs):.1f} median)"
+                f" = {100 * limit / min(runs):.0f}% of the limit"
+            )
         warm, out = timed(cfg)
         assert "cache reused" in out, out
         make_clip(folder / "zz_new.mp4", w, h, args.frames, seed=999, caption="a new clip")
         add, out = timed(cfg)
         assert re.search(rf"latents\s+1\s+{args.clips}\n", out), out  # one encoded, the rest reused
-        warm2, _ = timed(cfg)
+        print(f"warm, nothing to do: {warm * 1000:.1f} ms in process; add one clip: {add:.2f} s (one latent encoded)")
 
-    print(f"cold  (encode all {args.clips}):       {cold:8.2f} s  ({cold / args.clips * 1000:.0f} ms/clip)")
-    print(f"warm  (nothing changed):       {warm * 1000:8.1f} ms  = {100 * warm / cold:.3f}% of cold (target <= 2%)")
-    print(f"add one clip:                  {add:8.2f} s")
-    print(f"warm after the addition:       {warm2 * 1000:8.1f} ms")
+        config = Path(tmp) / "bench.yaml"
+        config.write_text(yaml.safe_dump(raw_config(folder, w, h, workers[-1])))
+        noop, floor = process_noop(config, args.repeat)
+        print(f"no-op process (train.py --only preprocess): {stats(noop)}; `import torch` alone: {stats(floor)}")
 
 
 if __name__ == "__main__":

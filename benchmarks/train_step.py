@@ -13,7 +13,10 @@ step `training_step` + `accelerator.backward` + `clip_grad_norm_` + optimizer/sc
 batch of the cached layout (latents [B,128,(F-1)/8+1,H/32,W/32], prompt_embeds [B,128,caption_channels],
 mask, fps) copied from the host each step the way `CachedDataset.load_batch` does. Reading the cache from
 disk is not timed. Warm-up steps (compilation, cuBLAS heuristics, allocator growth) are not timed; the timed
-steps run without host syncs and end with one device sync.
+steps run without host syncs and end with one device sync. `--rounds` rounds of `--steps` steps are timed: the
+table shows the best round (s/step) and the median one. `bare_s/step` times the same model and optimizer doing a
+plain forward, MSE, backward and optimizer step (no seeded generators, clipping, LR schedule, accumulation
+bookkeeping): `ours/bare` is what the training loop's step costs on top of the model itself.
 
 FLOPs per step (B samples of T video tokens, L text tokens, inner width d, n layers):
     forward   F = 2*T*N_video + 2*L*N_text + n*(4*T^2*d + 4*T*L*d)
@@ -65,7 +68,7 @@ FORMULA = (
 COLUMNS = [
     ("model", 18), ("mode", 5), ("ckpt", 4), ("compile", 7), ("dims", 11), ("tokens", 7), ("s/step", 8),
     ("tokens/s", 9), ("TFLOP/step", 10), ("TFLOP/s", 8), ("MFU", 6), ("peak_alloc_GiB", 14),
-    ("peak_reserved_GiB", 17), ("status", 6),
+    ("peak_reserved_GiB", 17), ("median_s/step", 13), ("bare_s/step", 11), ("ours/bare", 9), ("status", 6),
 ]  # fmt: skip
 
 # Dense bf16 tensor-core peaks (datasheet, without sparsity), TFLOP/s, matched on torch.cuda.get_device_name.
@@ -188,9 +191,11 @@ def _sync(device: torch.device) -> None:
 
 
 def time_configuration(
-    accelerator, cfg: Config, model: str, host_batch: dict, steps: int, warmup: int, sync_debug: bool = False
-) -> dict:
-    """Build, prepare and train for warmup + steps optimizer steps; returns timing and memory."""
+    accelerator, cfg: Config, model: str, host_batch: dict, steps: int, warmup: int, sync_debug: bool = False,
+    rounds: int = 1,
+) -> dict:  # fmt: skip
+    """Build, prepare, warm up, then time `rounds` x `steps` optimizer steps of the training loop's own step
+    (best and median round), and as many bare forward/backward/optimizer steps of the same model (best round)."""
     device = accelerator.device
     preflight.check_acceleration(cfg)  # e.g. fp8: the row says why instead of timing something else
     transformer = training.prepare_transformer(cfg, device, transformer=build_transformer(model, device))
@@ -204,24 +209,44 @@ def time_configuration(
         loss, _ = training.optimizer_step(accelerator, transformer, optimizer, lr_scheduler, params, [batch], step, cfg)
         return loss
 
+    def bare_step(step: int) -> torch.Tensor:  # the same model and optimizer without the loop's bookkeeping
+        batch = dataset.batch_to_device(host_batch, device)
+        latents = batch["latents"]
+        b, _, f, h, w = latents.shape
+        x0 = models.pack_latents(latents.float())
+        noise = torch.randn_like(x0)
+        pred = models.forward(transformer, 0.5 * x0 + 0.5 * noise, torch.full((b,), 500.0, device=device), batch,
+                              (f, h, w))  # fmt: skip
+        loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def timed(fn, first: int) -> tuple[float, list[torch.Tensor]]:
+        _sync(device)
+        t0 = time.perf_counter()
+        losses = [fn(first + i) for i in range(steps)]
+        _sync(device)
+        return time.perf_counter() - t0, losses
+
     for step in range(warmup):
         one_step(step)
-    _sync(device)
     if sync_debug and device.type == "cuda":
         torch.cuda.set_sync_debug_mode("warn")  # every host sync inside the timed steps prints a warning
-    t0 = time.perf_counter()
     try:
-        losses = [one_step(warmup + i) for i in range(steps)]
+        ours = [timed(one_step, warmup + r * steps) for r in range(rounds)]
     finally:
         if sync_debug and device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
-    _sync(device)
-    elapsed = time.perf_counter() - t0
-    last_loss = float(losses[-1])  # after the timing: one value to show the steps computed something finite
+    last_loss = float(ours[-1][1][-1])  # after the timing: one value to show the steps computed something finite
     state = optimizer.state[params[0]] if params[0] in optimizer.state else {}
     done = int(state["step"]) if "step" in state else None
+    bare = [timed(bare_step, 0)[0] for _ in range(rounds)]  # after ours: the optimizer count above is ours only
     trainable = sum(p.numel() for p in params)
-    return {"seconds": elapsed, "loss": last_loss, "optimizer_steps": done, "trainable_params": trainable}
+    seconds = sorted(t for t, _ in ours)
+    return {"seconds": seconds[0], "median_seconds": seconds[len(seconds) // 2], "bare_seconds": min(bare),
+            "loss": last_loss, "optimizer_steps": done, "trainable_params": trainable}  # fmt: skip
 
 
 def _free(accelerator, device: torch.device) -> None:
@@ -239,7 +264,8 @@ def run_row(accelerator, base: Config, args, tcfg, counts, dims, mode, ckpt, com
         "model": args.model, "mode": mode, "ckpt": "on" if ckpt else "off", "compile": "on" if compile_ else "off",
         "dims": f"{w}x{h}x{f}", "tokens": tokens * args.batch, "batch": args.batch, "steps": args.steps,
         "warmup": args.warmup, "s/step": None, "tokens/s": None, "TFLOP/step": None, "TFLOP/s": None, "MFU": None,
-        "peak_alloc_GiB": None, "peak_reserved_GiB": None, "status": "ok", "loss": None, "optimizer_steps": None,
+        "peak_alloc_GiB": None, "peak_reserved_GiB": None, "median_s/step": None, "bare_s/step": None,
+        "ours/bare": None, "status": "ok", "loss": None, "optimizer_steps": None,
         "trainable_params": None,
     }  # fmt: skip
     try:
@@ -254,7 +280,9 @@ def run_row(accelerator, base: Config, args, tcfg, counts, dims, mode, ckpt, com
         torch.cuda.reset_peak_memory_stats(device)
     host_batch = synthetic_batch(tcfg, dims, args.batch)
     try:
-        result = time_configuration(accelerator, cfg, args.model, host_batch, args.steps, args.warmup, args.sync_debug)
+        result = time_configuration(
+            accelerator, cfg, args.model, host_batch, args.steps, args.warmup, args.sync_debug, args.rounds
+        )
     except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError
         row["status"] = "OOM"
         result = None
@@ -270,6 +298,9 @@ def run_row(accelerator, base: Config, args, tcfg, counts, dims, mode, ckpt, com
     s_step = result["seconds"] / args.steps
     row.update({k: result[k] for k in ("loss", "optimizer_steps", "trainable_params")})
     row["s/step"] = s_step
+    row["median_s/step"] = result["median_seconds"] / args.steps
+    row["bare_s/step"] = result["bare_seconds"] / args.steps
+    row["ours/bare"] = s_step / row["bare_s/step"]
     row["tokens/s"] = tokens * args.batch / s_step
     row["TFLOP/s"] = flops / s_step / 1e12
     row["MFU"] = row["TFLOP/s"] / peak if peak else None
@@ -323,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", default="off", help="acceleration.compile values to try: off, on or on,off")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator growth)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps: best and median are shown")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (alpha = rank); default 128, low_vram: its own")
     p.add_argument("--batch", type=int, default=1, help="clips per step")
     p.add_argument("--preset", choices=["default", "low_vram"], default="default",
@@ -340,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
-        raise UserError("--steps and --batch must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.rounds < 1:
+        raise UserError("--steps, --rounds and --batch must be >= 1, --warmup >= 0")
     dims_list = parse_dims(args.dims)
     modes_default = "lora" if args.preset == "low_vram" else "lora,full"  # its int8 base is for LoRA only
     modes = parse_choices(args.modes or modes_default, "--modes", ("lora", "full"))
@@ -366,7 +398,8 @@ def _run(args) -> int:
     accelerator = make_accelerator(base, device)
     print(f"# train_step benchmark: model {args.model}, device {device_name}, torch {torch.__version__}, "
           f"preset {args.preset} ({accelerator.mixed_precision}, {base.training.optimizer_type}), batch {args.batch}, "
-          f"{args.warmup} warm-up + {args.steps} timed steps")  # fmt: skip
+          f"{args.warmup} warm-up + {args.rounds} x {args.steps} timed steps, "
+          f"{torch.get_num_threads()} CPU threads")  # fmt: skip
     print(f"# {FORMULA}")
     print(f"# N_video {counts['video'] / 1e9:.3f} G, N_text {counts['text'] / 1e9:.3f} G, L {TEXT_TOKENS}, "
           f"d {tcfg['num_attention_heads'] * tcfg['attention_head_dim']}, layers {tcfg['num_layers']}; "

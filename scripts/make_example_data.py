@@ -1,6 +1,7 @@
-"""Write the bundled quickstart clips: examples/quickstart_data/ (4 clips + captions, ~100 KB).
+"""Write the bundled quickstart clips: examples/quickstart_data/ (4 clips + captions, ~20 KB) and their IC-LoRA
+references examples/quickstart_references/ (the same motion, colours inverted, as .mp4).
 
-    python scripts/make_example_data.py [--out examples/quickstart_data]
+    python scripts/make_example_data.py [--out examples/quickstart_data] [--references examples/quickstart_references]
 
 Smooth synthetic motion (gradients and moving shapes: lossy codecs keep these nearly exact, unlike noise), two
 landscape and two portrait sizes, three containers, 20-32 frames. Designed for the quickstart buckets
@@ -113,15 +114,20 @@ def write_bitexact(path: Path, frames: np.ndarray, fps: float, crf: int = 26) ->
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "examples" / "quickstart_data")
+    parser.add_argument("--references", type=Path, default=ROOT / "examples" / "quickstart_references")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.references.mkdir(parents=True, exist_ok=True)
     total = 0
     for name, w, h, n, fps, scene, caption in CLIPS:
-        path = args.out / name
-        write_bitexact(path, render(scene, w, h, n), fps)
+        path, ref = args.out / name, (args.references / name).with_suffix(".mp4")
+        frames = render(scene, w, h, n)
+        write_bitexact(path, frames, fps)
+        write_bitexact(ref, 255 - frames, fps)  # the "control" video: the same motion, colours inverted
         path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-        total += path.stat().st_size
-        print(f"{path.relative_to(args.out.parent)}: {w}x{h}, {n} frames @ {fps} fps, {path.stat().st_size} bytes")
+        for p in (path, ref):
+            total += p.stat().st_size
+            print(f"{p.relative_to(args.out.parent)}: {w}x{h}, {n} frames @ {fps} fps, {p.stat().st_size} bytes")
     print(f"total video bytes: {total}")
 
 

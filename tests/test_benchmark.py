@@ -25,7 +25,7 @@ import train_step  # noqa: E402
 def run_benchmark(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "rows.json"
     cmd = [sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--dims", "128x96x17"]
-    cmd += ["--steps", "2", "--warmup", "1", "--json", str(out), *args]
+    cmd += ["--steps", "2", "--warmup", "1", "--rounds", "2", "--json", str(out), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,8 +40,10 @@ def test_cpu_tiny_run_prints_one_row_per_configuration(tmp_path):
     for r in rows:
         assert r["status"] == "ok", r
         assert r["dims"] == "128x96x17" and r["tokens"] == 36  # (128/32) * (96/32) * ((17-1)/8 + 1)
-        assert r["steps"] == 2 and r["optimizer_steps"] == 3  # 1 warm-up + 2 timed optimizer steps really ran
+        assert r["steps"] == 2 and r["optimizer_steps"] == 5  # 1 warm-up + 2 rounds x 2 timed steps really ran
         assert r["s/step"] > 0 and r["tokens/s"] == pytest.approx(36 / r["s/step"])
+        assert r["median_s/step"] >= r["s/step"] and r["bare_s/step"] > 0
+        assert r["ours/bare"] == pytest.approx(r["s/step"] / r["bare_s/step"])
         assert r["TFLOP/s"] == pytest.approx(r["TFLOP/step"] / r["s/step"])
         assert r["MFU"] is None and r["peak_alloc_GiB"] is None and r["peak_reserved_GiB"] is None  # CPU: n/a
         assert r["loss"] > 0
@@ -54,7 +56,8 @@ def test_cpu_tiny_run_prints_one_row_per_configuration(tmp_path):
     lines = proc.stdout.splitlines()
     assert any("full: 3*F, LoRA: 2*F_linear + 3*F_attention" in line for line in lines if line.startswith("#"))
     header = next(line for line in lines if line.startswith("model "))
-    for column in ("s/step", "tokens/s", "TFLOP/s", "MFU", "peak_alloc_GiB", "peak_reserved_GiB", "status"):
+    for column in ("s/step", "tokens/s", "TFLOP/s", "MFU", "peak_alloc_GiB", "peak_reserved_GiB", "bare_s/step",
+                   "ours/bare", "status"):  # fmt: skip
         assert column in header.split()
     table = [line.split() for line in lines if line.startswith("tiny ")]
     assert len(table) == 4

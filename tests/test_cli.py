@@ -43,8 +43,11 @@ def test_quickstart_lora_end_to_end_then_rerun_reuses_cache(quickstart_config: P
         assert twin.is_file(), f"no ComfyUI twin for {w}"
         keys = _keys(twin)
         assert keys and all(k.startswith("diffusion_model.") for k in keys)
-        assert not any(".alpha" in k or "proj_in" in k or "norm_q" in k for k in keys)
+        assert not any("proj_in" in k or "norm_q" in k for k in keys)  # ComfyUI names only
         assert any(k.endswith("attn1.to_q.lora_A.weight") for k in keys)
+        assert {k.rsplit(".", 1)[0] for k in keys if k.endswith(".alpha")} == {
+            k.removesuffix(".lora_A.weight") for k in keys if k.endswith(".lora_A.weight")
+        }  # the strength for ComfyUI: one .alpha per module
 
     r2 = run_cli(str(quickstart_config))
     assert r2.returncode == 0, r2.stdout + r2.stderr

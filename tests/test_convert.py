@@ -46,18 +46,13 @@ def lora_file(tmp_path_factory):
     return path, t
 
 
-def test_lora_to_comfy_keys_names_scale_and_no_alpha(lora_file, tmp_path):
+def test_lora_to_comfy_comfy_names_only_factors_as_trained_and_alpha(lora_file, tmp_path):
     src, t = lora_file
     dst = convert.convert_file(src, tmp_path / "out_comfy.safetensors")
     tensors, meta = read(dst)
     assert tensors and all(k.startswith("diffusion_model.") for k in tensors)
-    assert not any(k.endswith(".alpha") for k in tensors)
-    assert "diffusion_model.patchify_proj.lora_A.weight" in tensors  # ComfyUI's name for proj_in
-    # ... and the same weights under diffusers' name, which is all diffusers' loader understands
-    for part in ("lora_A", "lora_B"):
-        assert torch.equal(
-            tensors[f"diffusion_model.patchify_proj.{part}.weight"], tensors[f"diffusion_model.proj_in.{part}.weight"]
-        )
+    assert "diffusion_model.patchify_proj.lora_A.weight" in tensors  # ComfyUI's name for proj_in ...
+    assert not any(".proj_in." in k for k in tensors)  # ... and no diffusers-named copy ComfyUI would not load
     assert not any(".ff.net.0.proj." in k and "transformer_blocks" not in k for k in tensors)
     assert "diffusion_model.transformer_blocks.1.attn2.to_out.0.lora_B.weight" in tensors
     assert "diffusion_model.transformer_blocks.0.ff.net.0.proj.lora_A.weight" in tensors
@@ -65,8 +60,11 @@ def test_lora_to_comfy_keys_names_scale_and_no_alpha(lora_file, tmp_path):
     a = sd["transformer_blocks.0.attn1.to_q.lora_A.default.weight"]
     b = sd["transformer_blocks.0.attn1.to_q.lora_B.default.weight"]
     assert torch.equal(tensors["diffusion_model.transformer_blocks.0.attn1.to_q.lora_A.weight"], a)
-    torch.testing.assert_close(tensors["diffusion_model.transformer_blocks.0.attn1.to_q.lora_B.weight"], b * 2.0)
-    # metadata carried over, minus the diffusers alpha (now folded into lora_B)
+    assert torch.equal(tensors["diffusion_model.transformer_blocks.0.attn1.to_q.lora_B.weight"], b)  # not folded
+    alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
+    assert len(alphas) == len(tensors) // 3  # one per module
+    assert all(v.dtype == torch.float32 and v.shape == () and v.item() == 8.0 for v in alphas.values())
+    # metadata carried over, minus the diffusers alpha (the .alpha tensors hold it for ComfyUI)
     assert meta["ltxv_tuner.id_token"] == "SQUISH" and meta["ltxv_tuner.alpha"] == "8"
     assert export.LORA_ADAPTER_METADATA_KEY not in meta
     assert meta["ltxv_tuner.key_format"] == "comfy"
@@ -277,8 +275,9 @@ def test_every_linear_target_gets_comfy_names(tmp_path):
         "time_embed.emb.timestep_embedder.linear_2",
     }
     modules = lora_module_names(tensors, "diffusion_model.")
-    # every Linear of LTXV under its ComfyUI name, plus the four renamed ones under diffusers' name too
-    assert modules == comfy_names | renamed
+    assert modules == comfy_names  # every Linear of LTXV under its ComfyUI name, and under no other name
+    assert not modules & renamed
+    assert not comfy_keys_dropped(tensors)
     for name in [
         "patchify_proj",
         "proj_out",
@@ -295,7 +294,7 @@ def test_every_linear_target_gets_comfy_names(tmp_path):
 
 @pytest.mark.parametrize("alpha_factor", [1, 2])
 @pytest.mark.parametrize("targets", [ATTN, [*ATTN, "ff.net.0.proj", "ff.net.2"], ALL_LINEAR], ids=["attn", "ff", "all"])
-def test_round_trip_through_diffusers_load_lora_weights(pipeline_parts, tmp_path, alpha_factor, targets):
+def test_round_trip_through_diffusers_and_comfyui_semantics(pipeline_parts, tmp_path, alpha_factor, targets):
     rank = 4
     cfg = make_cfg(rank=rank, alpha=alpha_factor * rank, targets=targets)
     trained = lora_transformer(cfg)
@@ -305,15 +304,81 @@ def test_round_trip_through_diffusers_load_lora_weights(pipeline_parts, tmp_path
 
     src = export.save_lora(tmp_path, trained, cfg, 1)
     assert_rel_close(diffusers_output(pipeline_parts, src), ref)
-
     twin = convert.convert_file(src)
-    # The ComfyUI twin loads exactly in diffusers too, whatever the targets (renamed modules carry both names)
-    assert_rel_close(diffusers_output(pipeline_parts, twin), ref)
-    # ... and the twin converted back loads exactly
+    # The twin applied the way ComfyUI applies a LoRA gives the trained outputs, whatever the targets
+    assert_rel_close(run_transformer(comfy_patched(read(twin)[0])), ref)
+    # ... and the twin converted back loads exactly in diffusers
     back = convert.convert_file(twin, to="diffusers")
     assert_rel_close(diffusers_output(pipeline_parts, back), ref)
     adapter = json.loads(read(back)[1][export.LORA_ADAPTER_METADATA_KEY])
-    assert adapter["transformer.r"] == rank and adapter["transformer.lora_alpha"] == rank  # alpha/r is in lora_B
+    assert adapter["transformer.r"] == rank and adapter["transformer.lora_alpha"] == alpha_factor * rank
+
+
+# ComfyUI's LoRA application, as its code does it (comfy/lora.py model_lora_keys_unet + load_lora,
+# comfy/weight_adapter/lora.py calculate_weight; read from ComfyUI a125cd84): a key `diffusion_model.<name>` of the
+# file patches the model weight `diffusion_model.<name>.weight` (LTXV's model uses Lightricks' original names);
+# weight += (alpha / rank if a `.alpha` tensor is there, else 1.0) * (lora_B @ lora_A) in float32. Every other key
+# is logged as "lora key not loaded". The real ComfyUI check (../shared/comfy_check) agrees on our twins.
+
+
+def comfy_keys_dropped(tensors):
+    """The keys of a LoRA file for the tiny LTXV that ComfyUI's LTXV key map would not load."""
+    names = [n for n, _ in tiny.build_tiny_transformer().named_parameters() if n.endswith(".weight")]
+    weights = {convert.keys.diffusers_to_original(n.removesuffix(".weight")) for n in names}
+    consumed = set()
+    for name in weights:
+        if f"diffusion_model.{name}.lora_B.weight" in tensors:
+            consumed |= {f"diffusion_model.{name}.{part}" for part in ("lora_A.weight", "lora_B.weight", "alpha")}
+    return sorted(set(tensors) - consumed)
+
+
+def comfy_update(tensors, name):
+    """The weight update ComfyUI adds for module `name` (original naming) at strength 1."""
+    a = tensors[f"diffusion_model.{name}.lora_A.weight"].float()
+    b = tensors[f"diffusion_model.{name}.lora_B.weight"].float()
+    alpha = tensors.get(f"diffusion_model.{name}.alpha")
+    scale = alpha.item() / a.shape[0] if alpha is not None else 1.0
+    return scale * (b @ a)
+
+
+def comfy_patched(tensors):
+    """A fresh tiny base with every module the file patches updated the ComfyUI way."""
+    model = tiny.build_tiny_transformer()
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key in tensors:
+            if key.endswith(".lora_B.weight"):
+                name = key.removeprefix("diffusion_model.").removesuffix(".lora_B.weight")
+                modules[convert.keys.original_to_diffusers(name)].weight += comfy_update(tensors, name)
+    return model
+
+
+DONE_WHEN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+
+
+def test_bf16_twin_loses_nothing_beyond_the_save_dtype_and_comfyui_drops_no_key(tmp_path):
+    """Rank 6, alpha 8 (alpha/rank not a power of two), saved bf16: every key of the twin is one ComfyUI's LTXV map
+    consumes, and its update differs from the fp32 training state by no more than the diffusers file's own bf16
+    rounding does (folding alpha/rank into a bf16 lora_B would round a second time)."""
+    cfg = make_cfg(rank=6, alpha=8, targets=DONE_WHEN_TARGETS, dtype="bf16")
+    trained = lora_transformer(cfg)
+    src = export.save_lora(tmp_path, trained, cfg, 1)
+    diffusers_file = read(src)[0]
+    twin = read(convert.convert_file(src))[0]
+    assert not comfy_keys_dropped(twin)
+    assert {k for k in twin if not k.endswith(".alpha")} == {  # every trained module, no copies
+        "diffusion_model." + convert.keys.diffusers_to_original(k.removeprefix("transformer.")) for k in diffusers_file
+    }
+    modules = dict(trained.named_modules())
+    for key in (k for k in diffusers_file if k.endswith(".lora_B.weight")):
+        name = key.removeprefix("transformer.").removesuffix(".lora_B.weight")
+        mod = modules[name]
+        fp32 = (8 / 6) * (mod.lora_B["default"].weight @ mod.lora_A["default"].weight).detach()
+        a, b = diffusers_file[f"transformer.{name}.lora_A.weight"], diffusers_file[key]
+        assert a.dtype == b.dtype == torch.bfloat16
+        diffusers_err = ((8 / 6) * (b.float() @ a.float()) - fp32).abs().max()
+        twin_err = (comfy_update(twin, convert.keys.diffusers_to_original(name)) - fp32).abs().max()
+        assert diffusers_err > 0 and twin_err <= diffusers_err * (1 + 1e-6), (name, twin_err, diffusers_err)
 
 
 def test_full_twin_reloads_with_from_single_file_exactly(tmp_path):
@@ -333,6 +398,17 @@ def test_full_twin_reloads_with_from_single_file_exactly(tmp_path):
     want, got = trained.state_dict(), loaded.state_dict()
     assert set(want) == set(got)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_full_twin_without_a_base_file_gets_a_lightricks_config(tmp_path):
+    """ComfyUI's checkpoint loader sizes an LTXV model from the `config` metadata (else it assumes 32 heads): a twin
+    of a model that came from no Lightricks file (tiny: 2 heads of 16) gets one made from its transformer config."""
+    src = export.save_full(tmp_path, tiny.build_tiny_transformer(), make_cfg(mode="full"), 1)
+    _, meta = read(convert.convert_file(src))
+    section = json.loads(meta["config"])["transformer"]
+    assert {k: section[k] for k in ("num_attention_heads", "attention_head_dim", "num_layers")} == {
+        "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2}  # fmt: skip
+    assert (section["cross_attention_dim"], section["caption_channels"], section["in_channels"]) == (32, 32, 128)
 
 
 def test_full_twin_carries_base_config_metadata(tmp_path):
@@ -493,8 +569,8 @@ def test_save_dtype_option(lora_file, tmp_path):
     out = tmp_path / "half_comfy.safetensors"
     assert convert.main([str(lora_file[0]), "-o", str(out), "--save-dtype", "bf16"]) == 0
     tensors, _ = read(out)
-    assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
     src_b = read(lora_file[0])[0]["transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"]
-    torch.testing.assert_close(
-        tensors["diffusion_model.transformer_blocks.0.attn1.to_q.lora_B.weight"], (src_b * 2).to(torch.bfloat16)
-    )
+    factors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+    assert {v.dtype for v in factors.values()} == {torch.bfloat16}
+    assert torch.equal(tensors["diffusion_model.transformer_blocks.0.attn1.to_q.lora_B.weight"], src_b.bfloat16())
+    assert {v.dtype for k, v in tensors.items() if k.endswith(".alpha")} == {torch.float32}

@@ -74,7 +74,7 @@ def test_quant_int8_two_process_run(tmp_path):
     assert all(torch.isfinite(t).all() for t in trainable_from_checkpoint(result.checkpoints[-1].parent).values())
 
 
-def test_accelerate_config_with_fsdp_is_refused_clearly(tmp_path):
+def test_accelerate_config_with_fsdp_needs_training_sharding(tmp_path):
     from ltxv_tuner.config import validate_config
     from ltxv_tuner.errors import UserError
     from ltxv_tuner.launch import launch_command
@@ -82,7 +82,7 @@ def test_accelerate_config_with_fsdp_is_refused_clearly(tmp_path):
     acc = tmp_path / "fsdp.yaml"
     acc.write_text("distributed_type: FSDP\nnum_processes: 2\n")
     cfg = validate_config({"dataset": {"data_folder": "x"}, "training": {"accelerate_config": str(acc)}})
-    with pytest.raises(UserError, match="distributed_type FSDP, which is not supported yet"):
+    with pytest.raises(UserError, match="distributed_type FSDP; set training.sharding: fsdp"):
         launch_command(cfg, tmp_path, tmp_path / "m.json", None)
     acc.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 0\nnum_processes: 16\n")
     cmd = launch_command(cfg, tmp_path, tmp_path / "m.json", None)

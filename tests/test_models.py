@@ -293,6 +293,23 @@ def test_named_versions_resolve_case_insensitively():
     assert (cfg2["num_layers"], cfg2["attention_head_dim"], cfg2["cross_attention_dim"]) == (28, 64, 2048)
 
 
+@pytest.mark.parametrize(
+    "name, filename, same_as",
+    [
+        ("LTXV_13B_098_DEV", "ltxv-13b-0.9.8-dev.safetensors", "LTXV_13B_097_DEV"),
+        ("LTXV_13B_098_DISTILLED", "ltxv-13b-0.9.8-distilled.safetensors", "LTXV_13B_097_DEV"),
+        ("LTXV_2B_098_DISTILLED", "ltxv-2b-0.9.8-distilled.safetensors", "LTXV_2B_0.9.6_DEV"),
+    ],
+)
+def test_ltxv_098_versions_are_named_with_the_097_architecture(name, filename, same_as):
+    """0.9.8 is the 0.9.7 architecture (13B) and the 0.9.6 one (2B) in new files: the shipped configs are reused."""
+    src = ModelConfig(model_source=name.lower()).source
+    assert (src.kind, src.version, src.repo, src.filename) == ("named", name, "Lightricks/LTX-Video", filename)
+    assert src.config_dir == ModelConfig(model_source=same_as).source.config_dir
+    assert models.transformer_config(name) == models.transformer_config(same_as)
+    assert models.inference_kind(ModelConfig(model_source=name)) == ("dev" if name.endswith("DEV") else "distilled")
+
+
 def test_named_version_offline_and_not_cached_fails_fast(no_hub):
     start = time.monotonic()
     with pytest.raises(UserError) as err:

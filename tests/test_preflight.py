@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ltxv_tuner.config import validate_config
 from ltxv_tuner.models.ltxv import count_params, sequence_length, transformer_config
 from ltxv_tuner.preflight import estimate_memory, report
@@ -64,3 +66,16 @@ def test_no_gpu_is_said_before_any_work_with_what_it_means(monkeypatch):
     assert any("training.num_processes null: one CPU process" in line for line in lines)
     two = validate_config({"dataset": {"data_folder": "x"}, "training": {"distributed": True, "num_processes": 2}})
     assert not any("one CPU process" in line for line in report_device(two))
+
+
+@pytest.mark.parametrize("version", ["tiny", "LTXV_13B_097_DEV", "LTXV_2B_0.9.5", "LTXV_2B_0.9.1"])
+def test_parameter_count_by_arithmetic_equals_the_model_diffusers_builds(version):
+    import torch
+    from diffusers import LTXVideoTransformer3DModel
+
+    from ltxv_tuner.models.ltxv_tiny import TINY_TRANSFORMER_CONFIG
+
+    tcfg = dict(TINY_TRANSFORMER_CONFIG) if version == "tiny" else transformer_config(version)
+    with torch.device("meta"):
+        model = LTXVideoTransformer3DModel(**tcfg)
+    assert count_params(tcfg) == sum(p.numel() for p in model.parameters())

@@ -215,6 +215,14 @@ def vae_tiling(folder: Path, mp):
     return make_cfg(folder, preprocessing={"vae_tiling": True})
 
 
+def posterior_mode(folder: Path, mp):
+    return make_cfg(folder, preprocessing={"vae_posterior": "mode"})
+
+
+def comfyui_captions(folder: Path, mp):
+    return make_cfg(folder, preprocessing={"caption_encoding": "comfyui"})
+
+
 def touch_only(folder: Path, mp):
     os.utime(folder / "a.mp4")  # new mtime, same bytes: re-hashed, nothing encoded
     return make_cfg(folder)
@@ -230,6 +238,8 @@ def touch_only(folder: Path, mp):
         (change_id_token, set(), {"a.mp4", "b.mov", "c.mkv"}, {"a.mp4", "b.mov", "c.mkv"}),
         (change_model, {"a.mp4", "b.mov", "c.mkv"}, {"a.mp4", "b.mov", "c.mkv"}, {"a.mp4", "b.mov", "c.mkv"}),
         (vae_tiling, {"a.mp4", "b.mov", "c.mkv"}, set(), {"a.mp4", "b.mov", "c.mkv"}),
+        (posterior_mode, {"a.mp4", "b.mov", "c.mkv"}, set(), {"a.mp4", "b.mov", "c.mkv"}),
+        (comfyui_captions, set(), {"a.mp4", "b.mov", "c.mkv"}, {"a.mp4", "b.mov", "c.mkv"}),
         (touch_only, set(), set(), {"a.mp4", "b.mov", "c.mkv"}),
     ],
     ids=lambda v: getattr(v, "__name__", None),
@@ -345,6 +355,62 @@ def test_bad_input_gallery(tmp_path: Path, capsys):
     assert "cache reused" in capsys.readouterr().out
 
 
+def test_sampled_posterior_is_seeded_per_clip_and_differs_from_the_mode(data: Path):
+    """The default draws from the VAE posterior (as LTX-Video-Trainer); encoding a clip again gives the same bits,
+    and the draw is a real one: it differs from the posterior mean (vae_posterior: mode)."""
+    root = cache_root(data)
+    clip = by_video(manifest_of(data))["a.mp4"]
+    path = latent_path(root, clip.latent_key)
+    sampled = load_tensors(path)["latents"]
+    path.unlink()
+    run_preprocess(make_cfg(data))
+    assert torch.equal(load_tensors(path)["latents"], sampled)
+    mode_clip = by_video(run_preprocess(make_cfg(data, preprocessing={"vae_posterior": "mode"})))["a.mp4"]
+    mode = load_tensors(latent_path(root, mode_clip.latent_key))["latents"]
+    assert mode_clip.latent_key != clip.latent_key
+    assert torch.isfinite(sampled).all() and (sampled - mode).abs().mean() > 1e-3
+
+
+def test_caption_embeddings_equal_ltx_pipeline_encode_prompt_bit_for_bit(tmp_path: Path):
+    """Default caption_encoding and max_text_length: the cached embeddings and mask are exactly what diffusers'
+    LTXPipeline.encode_prompt gives the transformer at inference (its default max_sequence_length, 128)."""
+    from diffusers import LTXPipeline
+
+    folder = tmp_path / "data"
+    caption = "a red ball bouncing on a wooden floor"
+    make_clip(folder / "a.mp4", 128, 96, 17, seed=1, caption=caption)
+    cfg = validate_config({"dataset": {"data_folder": str(folder), "resolution_buckets": [[128, 96, 17]]},
+                           "model": {"model_source": "tiny"}})  # fmt: skip
+    (clip,) = Manifest.read(run_preprocess(cfg)).clips
+    cached = load_tensors(condition_path(cache_root(folder), clip.condition_key))
+    tokenizer, encoder = models.load_text_encoder(cfg.model)
+    pipe = LTXPipeline(scheduler=models.build_scheduler(), vae=None, text_encoder=encoder, tokenizer=tokenizer,
+                       transformer=None)  # fmt: skip
+    with torch.no_grad():  # as LTXPipeline.__call__ runs it (T5 takes another kernel path when grads are on)
+        embeds, mask, _, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False, device="cpu")
+    assert cached["prompt_embeds"].shape == (128, 32)
+    assert torch.equal(cached["prompt_embeds"], embeds[0].float())
+    assert torch.equal(cached["prompt_attention_mask"].bool(), mask[0])
+
+
+def test_comfyui_caption_encoding_does_not_depend_on_the_padding():
+    """caption_encoding comfyui runs T5 with the mask (as ComfyUI's LTXV text encoder): the real tokens' features
+    are the same whatever the padding length. diffusers' unmasked encoding depends on it (why the length matters)."""
+    cfg = make_cfg(Path("unused"))
+    tokenizer, encoder = models.load_text_encoder(cfg.model)
+    texts = ["a cat jumping over a fence"]
+    n = int(tokenizer(texts, return_tensors="pt").attention_mask.sum())
+    out = {}
+    for encoding in ("diffusers", "comfyui"):
+        for length in (32, 128):
+            emb, mask = models.encode_captions(tokenizer, encoder, texts, length, "cpu", encoding)
+            assert int(mask.sum()) == n and emb.shape == (1, length, 32)
+            out[encoding, length] = emb[0, :n]
+    torch.testing.assert_close(out["comfyui", 32], out["comfyui", 128], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out["diffusers", 32], out["diffusers", 128], atol=1e-4)
+    assert not torch.allclose(out["comfyui", 128], out["diffusers", 128], atol=1e-4)
+
+
 def test_batching_and_decode_threads_give_the_same_cache(tmp_path: Path):
     a = make_dataset(tmp_path / "a", n=3)
     b = tmp_path / "b"
@@ -361,6 +427,29 @@ def test_batching_and_decode_threads_give_the_same_cache(tmp_path: Path):
         ea = load_tensors(condition_path(cache_root(a), ca.condition_key))["prompt_embeds"]
         eb = load_tensors(condition_path(cache_root(b), ca.condition_key))["prompt_embeds"]
         torch.testing.assert_close(ea, eb, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_workers_give_bit_identical_cache_files(tmp_path: Path):
+    """Decoding in 0 or 3 background threads (and the automatic default) changes nothing that is written."""
+    a = make_dataset(tmp_path / "a", n=4)
+    written = {}
+    for workers in (0, 3, None):
+        folder = tmp_path / f"w{workers}"
+        shutil.copytree(a, folder)
+        manifest = Manifest.read(run_preprocess(make_cfg(folder, preprocessing={"num_workers": workers})))
+        root = cache_root(folder)
+        written[workers] = {c.video: _file_content(latent_path(root, c.latent_key)) for c in manifest.clips}
+    assert len(written[0]) == 4 and written[0] == written[3] == written[None]
+
+
+def _file_content(path: Path) -> tuple[bytes, dict]:
+    """Every tensor's bytes and the metadata (safetensors writes metadata keys in a varying order, so the file's
+    own bytes are not comparable)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        blob = b"".join(k.encode() + f.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes() for k in f.keys())  # noqa: SIM118
+        return blob, f.metadata()
 
 
 def test_center_sampling_and_decoded_previews(tmp_path: Path):

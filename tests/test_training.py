@@ -16,6 +16,7 @@ from ltxv_tuner.dataset import BatchOrder, CachedDataset, batch_to_device, epoch
 from ltxv_tuner.errors import UserError
 from ltxv_tuner.models import ltxv
 from ltxv_tuner.preflight import QUANT_PACKAGE
+from ltxv_tuner.strategies import text_to_video
 from ltxv_tuner.strategies.flow_matching import flow_matching_loss, sample_sigmas
 from ltxv_tuner.strategies.text_to_video import first_frame_mask
 
@@ -113,6 +114,61 @@ def test_first_frame_mask_covers_only_first_latent_frame_of_chosen_samples():
     mask = first_frame_mask(6, tokens_per_frame=4, seq_len=12, p=1.0, generator=g)
     assert mask[:, :4].all() and not mask[:, 4:].any()
     assert not first_frame_mask(6, 4, 12, p=0.0, generator=g).any()
+
+
+def _conditioning_cfg(p: float):
+    return validate_config({"dataset": {"data_folder": "d"}, "training": {"first_frame_conditioning_p": p}}).training
+
+
+def test_image_to_video_is_trained_by_default():
+    assert validate_config({"dataset": {"data_folder": "d"}}).training.first_frame_conditioning_p == 0.5
+
+
+def test_conditioned_first_frame_is_clean_at_timestep_zero_and_out_of_the_loss():
+    x0 = torch.randn(3, 12, 8)  # 3 latent frames of 4 tokens
+    tokens, timestep, target, keep = text_to_video.prepare(x0, 4, 0.0, torch.Generator().manual_seed(0),
+                                                           _conditioning_cfg(1.0))  # fmt: skip
+    assert torch.equal(tokens[:, :4], x0[:, :4])  # given as is
+    assert (timestep[:, :4] == 0).all() and (timestep[:, 4:] > 0).all()
+    assert (timestep[:, 4:] == timestep[:, 4:5]).all()  # one noise level per sample on the rest
+    assert not keep[:, :4].any() and keep[:, 4:].all()
+    garbage = target.clone()
+    garbage[:, :4] += 1e3  # a prediction that is wrong only on the conditioned tokens costs nothing
+    assert flow_matching_loss(garbage, target, keep).item() == 0.0
+    garbage[:, 4] += 1.0
+    assert flow_matching_loss(garbage, target, keep).item() > 0
+
+
+def test_one_latent_frame_is_never_conditioned_but_video_buckets_still_are():
+    cfg = _conditioning_cfg(1.0)
+    image = torch.randn(2, 4, 8)  # one latent frame
+    _, timestep, _, keep = text_to_video.prepare(image, 4, 0.0, torch.Generator().manual_seed(0), cfg)
+    assert keep is None and timestep.shape == (2,) and (timestep > 0).all()
+    video = torch.randn(2, 8, 8)  # same run, a 9-frame bucket: still image-to-video
+    _, timestep, _, keep = text_to_video.prepare(video, 4, 0.0, torch.Generator().manual_seed(0), cfg)
+    assert (timestep[:, :4] == 0).all() and not keep[:, :4].any()
+
+
+def test_a_one_frame_bucket_with_p_1_trains_every_step(tmp_path, monkeypatch):
+    """Images (bucket frames 1) with first_frame_conditioning_p 1: the loss and gradients are never zero."""
+    buckets = ((64, 64, 1), (64, 64, 9))
+    manifest = make_cache(tmp_path / "data", buckets=buckets)
+    cfg = make_config(tmp_path, buckets=buckets, training={"steps": 6, "first_frame_conditioning_p": 1.0},
+                      checkpoints={"interval": None})  # fmt: skip
+    seen = []
+    real = text_to_video.prepare
+
+    def spy(x0, tokens_per_frame, *args):
+        out = real(x0, tokens_per_frame, *args)
+        seen.append((x0.shape[1] // tokens_per_frame, out[3] is not None))
+        return out
+
+    monkeypatch.setattr(text_to_video, "prepare", spy)
+    training.train(cfg, tmp_path / "run", manifest)
+    rows = [json.loads(line) for line in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert {frames for frames, _ in seen} == {1, 2}  # both buckets were trained
+    assert all(conditioned == (frames > 1) for frames, conditioned in seen)
 
 
 def test_loss_ignores_masked_tokens():

@@ -178,6 +178,8 @@ class CachedClip:
     latent_key: str
     condition_key: str
     latent_shape: list[int] = field(default_factory=list)  # [C, F, H, W]
+    reference: str | None = None  # IC-LoRA: the reference video, relative to dataset.reference_folder
+    reference_key: str | None = None  # its latents (same bucket, frames and crop as the clip)
 
 
 @dataclass

@@ -46,7 +46,11 @@ RESUME_MUST_MATCH = (
     "lora.alpha",
     "lora.target_modules",
     "dataset.resolution_buckets",
+    "training.strategy",
+    "training.sharding",
 )
+# Settings added after checkpoints were first written: a checkpoint without them had the default.
+_RESUME_DEFAULTS = {"training.strategy": "text_to_video", "training.sharding": "none"}
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -191,6 +195,7 @@ def resume_differences(saved_config: dict, current_config: dict) -> list[str]:
         if key.startswith("lora.") and _dotted(current_config, "model.training_mode") != "lora":
             continue
         old, new = _dotted(saved_config, key), _dotted(current_config, key)
+        old = _RESUME_DEFAULTS.get(key) if old is None else old
         if key == "lora.target_modules" and old is not None and new is not None:
             old, new = sorted(old), sorted(new)
         if old != new:
@@ -202,9 +207,13 @@ def check_state_files(ckpt: Path) -> None:
     """A step folder copied or synced only in part (or damaged on disk) is refused with the fix, before loading."""
     from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
 
+    from .sharding import shard_file
+
     state = ckpt / STATE_DIR
-    problems = []
-    for name in (f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin"):  # torch.save zip archives
+    sharded = shard_file(state, 0).exists()  # sharded: weights and optimizer state in per-process shard files
+    problems = _shard_problems(state) if sharded else []
+    names = (f"{SCHEDULER_NAME}.bin",) if sharded else (f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin")
+    for name in names:  # torch.save zip archives
         if not (state / name).is_file():
             problems.append(f"{name} is missing")
         elif not zipfile.is_zipfile(state / name):
@@ -212,13 +221,41 @@ def check_state_files(ckpt: Path) -> None:
     if not (state / f"{RNG_STATE_NAME}_0.pkl").is_file():
         problems.append(f"{RNG_STATE_NAME}_0.pkl is missing")
     try:
-        read_header(state / TRAINABLE_FILE)
+        if not sharded:
+            read_header(state / TRAINABLE_FILE)
     except CacheFileError:
         problems.append(f"{TRAINABLE_FILE} is {'damaged' if (state / TRAINABLE_FILE).exists() else 'missing'}")
     if problems:
         raise UserError(
             f"resume: {ckpt} is incomplete or damaged ({'; '.join(problems)} in {STATE_DIR}/); "
             "delete that step folder to resume from the checkpoint before it"
+        )
+
+
+def _shard_problems(state: Path) -> list[str]:
+    from .sharding import saved_process_count, shard_file
+
+    try:
+        n = saved_process_count(state) or 0
+    except (CacheFileError, KeyError, ValueError):
+        return [f"{shard_file(state, 0).name} is damaged"]
+    problems = []
+    for rank in range(n):
+        try:
+            read_header(shard_file(state, rank))
+        except CacheFileError:
+            problems.append(f"{shard_file(state, rank).name} is damaged or missing")
+    return problems
+
+
+def check_process_count(ckpt: Path, state: dict, num_processes: int) -> None:
+    """A sharded checkpoint holds one shard file per process: it resumes on the same number of processes only."""
+    saved = state.get("num_processes")
+    sharded = (state.get("config", {}).get("training") or {}).get("sharding", "none") != "none"
+    if sharded and saved != num_processes:
+        raise UserError(
+            f"resume: {ckpt} is sharded over {saved} processes but this run has {num_processes}; resume with "
+            f"training.num_processes={saved} (sharded checkpoints are not resharded)"
         )
 
 
@@ -396,5 +433,6 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, write_we
 def load_checkpoint(accelerator, ckpt: Path, current_config: dict) -> dict:
     """Restore weights, optimizer, LR scheduler and RNG states; returns the training state (step, position)."""
     state = check_resume_compatible(ckpt, current_config)
+    check_process_count(ckpt, state, accelerator.num_processes)
     accelerator.load_state(str(ckpt / STATE_DIR))
     return state

@@ -37,15 +37,39 @@ def check_video_dims(width: int, height: int, frames: int) -> list[str]:
 
 class PreprocessingConfig(_Section):
     batch_size: int = Field(1, ge=1, description="Clips encoded by the VAE at once (same bucket only).")
-    num_workers: int = Field(
-        0, ge=0, description="Background threads decoding videos while the VAE encodes (0 = decode inline)."
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Background threads decoding, resizing and converting videos while the VAE encodes (0 = decode "
+        "inline; null = automatic: half the CPU cores, 1 to 4). The cache is bit-identical whatever the count.",
     )
     vae_tiling: bool = Field(False, description="Tiled VAE encoding: lower memory for large frames, slightly slower.")
+    vae_posterior: Literal["sample", "mode"] = Field(
+        "sample",
+        description="Latents from the VAE posterior: `sample` draws one, as LTX-Video-Trainer and Lightricks' own "
+        "encoder do (seeded by the clip's cache key: encoding again gives the same latents); `mode` takes its mean. "
+        "Part of the latent cache key: switching re-encodes the latents only.",
+    )
     decode_videos: bool = Field(
         False,
         description="Decode the cached latents back to mp4 under .precomputed/decoded/ to check what the model sees.",
     )
-    max_text_length: int = Field(128, ge=8, le=1024, description="T5 token length of the cached caption embeddings.")
+    max_text_length: int = Field(
+        128,
+        ge=8,
+        le=1024,
+        description="T5 token length of the cached caption embeddings (longer captions are cut). 128 is diffusers' "
+        "LTX pipeline default; with caption_encoding: diffusers the padding length changes the features, so keep it "
+        "equal to the max_sequence_length of the inference you run.",
+    )
+    caption_encoding: Literal["diffusers", "comfyui"] = Field(
+        "diffusers",
+        description="How T5 encodes captions, to match the inference the LoRA will be used with: `diffusers` = exactly "
+        "LTXPipeline.encode_prompt (and LTX-Video-Trainer): T5 runs without the attention mask, so the padding "
+        "shifts the real tokens' features a little; `comfyui` = as ComfyUI's LTXV text encoder and Lightricks' "
+        "LTX-Video inference: T5 runs with the mask (features independent of padding). Validation videos use the same "
+        "encoding. Part of the caption cache key: switching re-encodes captions only.",
+    )
     frame_sampling: Literal["start", "center"] = Field(
         "start", description="Where the bucket's frames are taken from in a longer clip: its start or its middle."
     )
@@ -63,6 +87,11 @@ class DatasetConfig(_Section):
     )
     id_token: str | None = Field(None, description="Trigger word prepended to every caption (e.g. SQUISH).")
     strict: bool = Field(False, description="Stop on any skipped clip or caption problem instead of reporting it.")
+    reference_folder: str | None = Field(
+        None,
+        description="IC-LoRA (training.strategy: ic_lora): a folder mirroring data_folder with one reference (control) "
+        "video per clip - the reference of <data_folder>/sub/a.mp4 is <reference_folder>/sub/a.<any video ext>.",
+    )
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
 
     @field_validator("resolution_buckets", mode="before")
@@ -93,8 +122,9 @@ class DatasetConfig(_Section):
 class ModelConfig(_Section):
     model_source: str = Field(
         "LTXV_13B_097_DEV",
-        description="A named version (LTXV_13B_097_DEV, LTXV_13B_097_DISTILLED, LTXV_2B_0.9.6_DEV, "
-        "LTXV_2B_0.9.6_DISTILLED, LTXV_2B_0.9.5, LTXV_2B_0.9.1, LTXV_2B_0.9.0), a local single-file "
+        description="A named version (LTXV_13B_098_DEV, LTXV_13B_098_DISTILLED, LTXV_2B_098_DISTILLED, "
+        "LTXV_13B_097_DEV, LTXV_13B_097_DISTILLED, LTXV_2B_0.9.6_DEV, LTXV_2B_0.9.6_DISTILLED, LTXV_2B_0.9.5, "
+        "LTXV_2B_0.9.1, LTXV_2B_0.9.0), a local single-file "
         ".safetensors, a local diffusers folder, or `tiny` (a small random LTXV for tests).",
     )
     training_mode: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter or all weights.")
@@ -148,7 +178,20 @@ class TrainingConfig(_Section):
     distributed: bool = Field(False, description="Train on every visible GPU through `accelerate launch`.")
     num_processes: int | None = Field(None, ge=1, description="Processes for distributed training (null = all GPUs).")
     accelerate_config: str | None = Field(
-        None, description="An accelerate config file (multi-node, FSDP, DeepSpeed); implies distributed."
+        None,
+        description="An accelerate config file (multi-node; distributed_type FSDP goes with sharding: fsdp; "
+        "DeepSpeed is refused); implies distributed.",
+    )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="none: data parallel, every process holds the whole model. fsdp: FSDP2 (fully_shard) shards "
+        "each transformer block's weights, gradients and optimizer state over the processes - a full fine-tune of a "
+        "model that does not fit one GPU, or LoRA on such a base. Needs several processes (training.distributed).",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="With sharding: fsdp, keep the weight shards, gradients and optimizer state in CPU memory "
+        "(FSDP2 CPUOffloadPolicy): much less GPU memory, slower steps.",
     )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     steps: int = Field(1500, ge=1, description="Optimizer steps to train.")
@@ -170,7 +213,14 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     first_frame_conditioning_p: float = Field(
-        0.0, ge=0, le=1, description="Probability of training image-to-video: first frame kept clean, left out of loss."
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of samples trained as image-to-video: the first latent frame is kept clean (timestep 0) "
+        "and left out of the loss. 0.5 is what Lightricks' LTX-Video-Trainer uses in its 13B LoRA templates (its "
+        "code default 0.1 dates from the 2B configs): most LTXV LoRAs are used image-to-video (ComfyUI), and half "
+        "the samples still train text-to-video. Never applied to a bucket of 1 frame (one latent frame: nothing "
+        "would be left to learn); other buckets keep it. 0 = text-to-video only.",
     )
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none",
@@ -179,6 +229,13 @@ class TrainingConfig(_Section):
     )
     timestep_shift: bool = Field(
         True, description="Shift the sampled noise levels with sequence length, as LTXV trains."
+    )
+    strategy: Literal["text_to_video", "ic_lora"] = Field(
+        "text_to_video",
+        description="text_to_video: clips + captions (image-to-video through first_frame_conditioning_p). ic_lora: "
+        "in-context control LoRA - each clip's reference video (dataset.reference_folder) is prepended as clean "
+        "tokens at timestep 0, outside the loss, so the LoRA learns to follow it (depth, pose, edges, any "
+        "video-to-video effect).",
     )
 
 
@@ -192,22 +249,53 @@ class CheckpointsConfig(_Section):
 
 
 class ValidationConfig(_Section):
+    """Validation videos render as Lightricks recommends for the model version (models/ltxv.py INFERENCE): every
+    setting left null here comes from the version, dev or distilled (docs/TRAINING.md has the table)."""
+
     interval: int | None = Field(None, ge=1, description="Generate validation videos every N steps (null = off).")
     prompts: list[str] = Field(default_factory=list, description="Prompts to render (id_token is prepended).")
     negative_prompt: str = Field(
         "worst quality, inconsistent motion, blurry, jittery, distorted",
-        description="Negative prompt for validation videos.",
+        description="Negative prompt for validation videos (used when guidance_scale > 1).",
     )
     images: list[str | None] | None = Field(
         None,
-        description="First-frame images, one per prompt (image-to-video); null for a prompt that stays "
-        "text-to-video, e.g. [first.png, null].",
+        description="First-frame images, one per prompt: image-to-video through diffusers' LTXConditionPipeline; "
+        "null for a prompt that stays text-to-video, e.g. [first.png, null].",
+    )
+    reference_videos: list[str] | None = Field(
+        None, description="IC-LoRA: one reference (control) video per prompt; a side-by-side mp4 is written too."
     )
     video_dims: list[int] = Field(
         default_factory=lambda: [256, 256, 25], description="[width, height, frames] of validation videos."
     )
-    inference_steps: int = Field(20, ge=1, description="Denoising steps per validation video.")
-    guidance_scale: float = Field(3.0, ge=1.0, description="Classifier-free guidance scale.")
+    schedule: Literal["shifted"] | list[float] | None = Field(
+        None,
+        description="Noise levels to sample at: null = the version's (distilled 0.9.7/0.9.8: Lightricks' fixed 7, "
+        "[1.0, 0.9937, 0.9875, 0.9812, 0.975, 0.9094, 0.725]; dev: shifted), `shifted` = LTXV's resolution-shifted "
+        "schedule of inference_steps steps (diffusers' LTXPipeline, ComfyUI's LTXVScheduler), or a list from 1.0 down.",
+    )
+    inference_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Steps of the shifted schedule (null = the version's: dev 20 - Lightricks uses 30-40, 20 keeps "
+        "validation fast - 0.9.6 distilled 8). A fixed schedule has its own length.",
+    )
+    guidance_scale: float | None = Field(
+        None, ge=1.0, description="Classifier-free guidance scale (null = the version's: dev 3, distilled 1 = off)."
+    )
+    decode_timestep: float | None = Field(
+        None, ge=0.0, le=1.0, description="VAE decode timestep (null = the version's: 0.05; 0.9.0's VAE ignores it)."
+    )
+    decode_noise_scale: float | None = Field(
+        None, ge=0.0, le=1.0, description="Noise mixed into the latents before decoding (null = the version's: 0.025)."
+    )
+    frame_rate: float | None = Field(
+        None, gt=0, description="Frame rate the model is told and the mp4 plays at (null = 25: ComfyUI, diffusers)."
+    )
+    image_cond_noise_scale: float | None = Field(
+        None, ge=0.0, le=1.0, description="Noise added to the first-frame image condition (null = 0.15, as Lightricks)."
+    )
     seed: int = Field(42, description="Seed for validation noise.")
     videos_per_prompt: int = Field(1, ge=1, description="Videos generated per prompt.")
 
@@ -218,6 +306,22 @@ class ValidationConfig(_Section):
             raise ValueError(f"expected [width, height, frames], got {v}")
         if problems := check_video_dims(*v):
             raise ValueError("; ".join(problems))
+        return v
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_word(cls, v):
+        if isinstance(v, str) and v != "shifted":
+            raise ValueError(f"expected null, shifted or a list of noise levels from 1.0 down, got {v!r}")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v):
+        if isinstance(v, list):
+            ok = v and v[0] == 1.0 and all(0 < b < a for a, b in zip(v, v[1:], strict=False)) and v[-1] > 0
+            if not ok:
+                raise ValueError(f"a schedule is noise levels from 1.0 down, each > 0 (e.g. [1.0, 0.9, 0.7]), got {v}")
         return v
 
 
@@ -245,6 +349,30 @@ class Config(_Section):
     output_dir: str = Field("outputs", description="Where run_YYYYMMDD_HHMMSS/ folders are created.")
     seed: int = Field(42, description="Seed for weights init, noise, timesteps and data order.")
 
+    def _strategy_problems(self) -> list[str]:
+        v, ic = self.validation, self.training.strategy == "ic_lora"
+        problems = []
+        if ic and not self.dataset.reference_folder:
+            problems.append(
+                "dataset.reference_folder: training.strategy ic_lora needs the folder of reference videos "
+                "(one per clip, same relative path and name as the clip)"
+            )
+        if not ic and self.dataset.reference_folder:
+            problems.append("dataset.reference_folder: only used by training.strategy: ic_lora (set it, or drop this)")
+        if v.reference_videos is not None:
+            if not ic:
+                problems.append("validation.reference_videos: only used by training.strategy: ic_lora")
+            elif len(v.reference_videos) != len(v.prompts):
+                problems.append(
+                    f"validation.reference_videos: give one video per prompt ({len(v.prompts)}), "
+                    f"got {len(v.reference_videos)}"
+                )
+        if ic and v.interval is not None and v.reference_videos is None:
+            problems.append("validation.reference_videos: ic_lora validation needs one reference video per prompt")
+        if ic and v.images is not None:
+            problems.append("validation.images: not used with training.strategy: ic_lora (give reference_videos)")
+        return problems
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         problems = []
@@ -256,6 +384,7 @@ class Config(_Section):
                 f"validation.images: give one image per prompt ({len(v.prompts)}), got {len(v.images)} (null for a "
                 "text-only prompt, e.g. images: [first.png, null])"
             )
+        problems += self._strategy_problems()
         q = self.acceleration.quantize_base
         if q != "none" and self.model.training_mode != "lora":
             problems.append(
@@ -269,9 +398,33 @@ class Config(_Section):
                 "acceleration.quantize_base: int8 needs training.enable_gradient_checkpointing: true (without it "
                 "the backward pass keeps a dequantized copy of every block's weights, more memory than none)"
             )
+        problems += self._sharding_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _sharding_problems(self) -> list[str]:
+        t, fsdp = self.training, self.training.sharding == "fsdp"
+        if not fsdp:
+            return ["training.cpu_offload: only used with training.sharding: fsdp"] if t.cpu_offload else []
+        refused = {  # setting -> why it does not go with sharding (yet)
+            "acceleration.quantize_base": (self.acceleration.quantize_base != "none", "int8 weights are not sharded"),
+            "acceleration.compile": (self.acceleration.compile, "not tried with FSDP2 yet"),
+            "training.optimizer_type": (t.optimizer_type != "adamw", "adamw8bit cannot step sharded weights"),
+            "training.mixed_precision_mode": (t.mixed_precision_mode == "fp16", "fp16 needs a sharded grad scaler"),
+            "validation.interval": (self.validation.interval is not None, "validate the exported checkpoint instead"),
+        }
+        problems = [
+            f"{key}: not available with training.sharding: fsdp ({why}): change it, or set training.sharding: none"
+            for key, (bad, why) in refused.items()
+            if bad
+        ]
+        if not (t.distributed or t.accelerate_config) or t.num_processes == 1:
+            problems.append(
+                "training.sharding: fsdp shards over several processes: set training.distributed: true and "
+                "training.num_processes of 2 or more (or training.accelerate_config)"
+            )
+        return problems
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -7,9 +7,10 @@ Four LTXV file forms are recognised from their keys alone:
   full, diffusers:  <diffusers module>.weight (no prefix)
   full, ComfyUI:    model.diffusion_model.<original module>.weight (Lightricks' single-file naming)
 
-Alpha: ComfyUI scales a LoRA by alpha/rank only when a `.alpha` tensor is present (else by 1.0); diffusers
-rejects `.alpha` tensors and, without metadata, assumes alpha == rank. The ComfyUI twin therefore folds
-alpha/rank into lora_B and writes no `.alpha`, so both loaders apply the trained strength from one file.
+Alpha: ComfyUI scales a LoRA by alpha/rank when a `.alpha` tensor is present (else by 1.0); diffusers reads alpha
+from the file's metadata and rejects `.alpha` tensors. Each loader gets its own file: the diffusers-format file
+(alpha in metadata) and the ComfyUI twin (`.alpha` tensors, ComfyUI names only: `patchify_proj`, `adaln_single`),
+both carrying lora_A/lora_B exactly as saved, so neither loses precision to folding alpha into lora_B.
 """
 
 from __future__ import annotations
@@ -239,25 +240,18 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def lora_to_comfy(tensors, metadata, path, dtype=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The ComfyUI twin: every module under its ComfyUI name only (the keys ComfyUI's LTXV map consumes, so it logs
+    no "lora key not loaded"), lora_A/lora_B exactly as trained (cast only when `dtype` asks), and the strength in a
+    float32 `.alpha` per module, which ComfyUI divides by the rank: no rounding beyond the file's own dtype."""
     modules = _lora_modules(tensors, keys.DIFFUSERS_LORA_PREFIX, path)
     scales = _diffusers_lora_scales(modules, metadata, path)
     out = {}
     for m, mod in modules.items():
-        up = mod.up if scales[m] == 1.0 else (mod.up.float() * scales[m]).to(dtype or mod.up.dtype)
-        names = [keys.diffusers_to_original(m)]
-        if names[0] != m:
-            # diffusers reads `diffusion_model.` LoRAs by stripping the prefix only, without ComfyUI's renames, and
-            # would drop patchify_proj/adaln_single. These few modules also go under their diffusers name, so
-            # both loaders apply every trained layer (each ignores the other's copy: no module has both names).
-            names.append(m)
-        for i, name in enumerate(names):
-            down, b = _cast(mod.down, dtype), _cast(up, dtype)
-            if i:  # safetensors refuses tensors that share memory
-                down, b = down.clone(), b.clone()
-            out[f"{keys.COMFY_LORA_PREFIX}{name}.lora_A.weight"] = down
-            out[f"{keys.COMFY_LORA_PREFIX}{name}.lora_B.weight"] = b
+        key = f"{keys.COMFY_LORA_PREFIX}{keys.diffusers_to_original(m)}"
+        out[f"{key}.lora_A.weight"] = _cast(mod.down, dtype)
+        out[f"{key}.lora_B.weight"] = _cast(mod.up, dtype)
+        out[f"{key}.alpha"] = torch.tensor(scales[m] * mod.rank, dtype=torch.float32)
     meta = {k: v for k, v in metadata.items() if k != export.LORA_ADAPTER_METADATA_KEY}
-    meta[f"{export.META_PREFIX}alpha_folded_into_lora_B"] = "true"
     return out, meta
 
 
@@ -266,7 +260,7 @@ def lora_to_diffusers(tensors, metadata, form, path, dtype=None) -> tuple[dict[s
     for m, mod in _comfy_lora_to_original_names(tensors, form, path).items():
         target = keys.original_to_diffusers(m)
         prev = renamed.get(target)
-        if prev is not None:  # a module under both names (our twins carry proj_in/time_embed twice): must agree
+        if prev is not None:  # a module under both names (older twins carried proj_in/time_embed twice): must agree
             if not (torch.equal(prev.down, mod.down) and torch.equal(prev.up, mod.up) and prev.alpha == mod.alpha):
                 raise UserError(f"{path}: two different LoRA weights for the module {target}; the file is inconsistent")
             continue
@@ -305,6 +299,23 @@ def full_to_comfy(tensors, dtype=None) -> dict[str, torch.Tensor]:
     return {
         keys.ORIGINAL_TRANSFORMER_PREFIX + keys.diffusers_to_original(k): _cast(v, dtype) for k, v in tensors.items()
     }
+
+
+def full_comfy_metadata(metadata: dict[str, str], base_metadata: dict[str, str] | None, path) -> dict[str, str]:
+    """The twin's metadata: the base single file's (its Lightricks `config` included), then the source's; when no
+    base `config` exists (tiny, diffusers folder, own fine-tune), one made from the transformer config the source
+    carries, so ComfyUI's checkpoint loader sizes the model whatever its heads and width."""
+    meta = {**(base_metadata or {}), **metadata}
+    own = metadata.get(export.TRANSFORMER_CONFIG_KEY)
+    if keys.LIGHTRICKS_CONFIG_KEY not in meta and own:
+        try:
+            config = json.loads(own)
+        except json.JSONDecodeError:
+            config = None
+        if not isinstance(config, dict):
+            raise UserError(f"{path}: metadata {export.TRANSFORMER_CONFIG_KEY!r} is not a JSON config (damaged file)")
+        meta[keys.LIGHTRICKS_CONFIG_KEY] = keys.lightricks_config(config)
+    return meta
 
 
 def full_to_diffusers(tensors, dtype=None) -> dict[str, torch.Tensor]:
@@ -365,7 +376,7 @@ def convert_file(
     elif form in (LORA_COMFY, LORA_KOHYA):
         out, meta = lora_to_diffusers(tensors, metadata, form, src, dtype)
     elif form == FULL_DIFFUSERS:
-        out, meta = full_to_comfy(tensors, dtype), {**(base_metadata or {}), **metadata}
+        out, meta = full_to_comfy(tensors, dtype), full_comfy_metadata(metadata, base_metadata, src)
     else:
         out, meta = full_to_diffusers(tensors, dtype), dict(metadata)
     if not out:

@@ -135,3 +135,46 @@ def choose_bucket(
         return (round(abs(math.log(b[0] / b[1]) - ratio), 6), -b[2], -(b[0] * b[1]))
 
     return min(fillable, key=rank), None
+
+
+# --------------------------------------------------------------------------------------------------
+# IC-LoRA reference videos: a folder mirroring the data folder
+
+REFERENCE_PREFIX = "@reference/"  # how reference files are named in reports and the cache's source list
+
+
+@dataclass
+class ReferenceScan:
+    by_clip: dict[str, Path] = field(default_factory=dict)  # clip rel -> its reference video
+    missing: list[Issue] = field(default_factory=list)  # clips without (or with an ambiguous) reference
+    orphans: list[Issue] = field(default_factory=list)  # references without a clip
+    files: list[Path] = field(default_factory=list)  # every reference video considered
+
+
+def scan_references(folder: Path, clip_rels: list[str]) -> ReferenceScan:
+    """Pair each clip `sub/a.mp4` with `<folder>/sub/a.<any video ext>` (the extension may differ)."""
+    result = ScanResult()
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for path in _visible_files(folder):
+        if path.suffix.lower() in VIDEO_EXTENSIONS:
+            by_stem[path.relative_to(folder).with_suffix("").as_posix()].append(path)
+            result.files.append(path)
+    out = ReferenceScan(files=result.files)
+    wanted = {}
+    for rel in clip_rels:
+        stem = Path(rel).with_suffix("").as_posix()
+        wanted[stem] = rel
+        found = by_stem.get(stem, [])
+        if not found:
+            out.missing.append(Issue(rel, f"no reference video {stem}.<video ext> in {folder} (ic_lora needs one)"))
+        elif len(found) > 1:
+            names = " and ".join(p.name for p in found)
+            out.missing.append(Issue(rel, f"ambiguous reference: {names} in {folder} (keep one)"))
+        else:
+            out.by_clip[rel] = found[0]
+    for stem, paths in sorted(by_stem.items()):
+        if stem not in wanted:
+            for p in paths:
+                rel = REFERENCE_PREFIX + p.relative_to(folder).as_posix()
+                out.orphans.append(Issue(rel, "reference without a clip of the same name in data_folder, ignored"))
+    return out

@@ -41,7 +41,10 @@ class CachedDataset:
         for clip in self.clips:
             if tuple(clip.bucket) not in allowed:
                 problems.append(f"{clip.video}: bucket {clip.bucket} is not in dataset.resolution_buckets")
-            for path in (latent_path(self.root, clip.latent_key), condition_path(self.root, clip.condition_key)):
+            paths = [latent_path(self.root, clip.latent_key), condition_path(self.root, clip.condition_key)]
+            if clip.reference_key:
+                paths.append(latent_path(self.root, clip.reference_key))
+            for path in paths:
                 if not path.is_file():
                     problems.append(f"{clip.video}: cache file {path} is missing")
         if problems:
@@ -66,21 +69,27 @@ class CachedDataset:
         return path, load_tensors(path)["prompt_embeds"].shape[-1]
 
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """One batch on the CPU: latents [B, C, F, H, W], prompt_embeds, prompt_attention_mask, fps."""
-        lat, emb, mask, fps = [], [], [], []
+        """One batch on the CPU: latents [B, C, F, H, W], prompt_embeds, prompt_attention_mask, fps, and for IC-LoRA
+        clips reference_latents [B, C, F, H, W]."""
+        lat, emb, mask, fps, ref = [], [], [], [], []
         for i in indices:
             clip = self.clips[i]
             lat.append(load_tensors(latent_path(self.root, clip.latent_key))["latents"])
+            if clip.reference_key:
+                ref.append(load_tensors(latent_path(self.root, clip.reference_key))["latents"])
             cond = load_tensors(condition_path(self.root, clip.condition_key))
             emb.append(cond["prompt_embeds"])
             mask.append(cond["prompt_attention_mask"])
             fps.append(float(clip.fps))
-        return {
+        batch = {
             "latents": torch.stack(lat),
             "prompt_embeds": torch.stack(emb),
             "prompt_attention_mask": torch.stack(mask),
             "fps": torch.tensor(fps),
         }
+        if ref:
+            batch["reference_latents"] = torch.stack(ref)
+        return batch
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -87,6 +87,7 @@ def training_metadata(cfg, step: int) -> dict[str, str]:
         f"{META_PREFIX}version": __version__,
         f"{META_PREFIX}base_model": str(cfg.model.model_source),
         f"{META_PREFIX}training_mode": cfg.model.training_mode,
+        f"{META_PREFIX}strategy": cfg.training.strategy,
         f"{META_PREFIX}steps": str(step),
         f"{META_PREFIX}total_steps": str(cfg.training.steps),
         f"{META_PREFIX}learning_rate": str(cfg.training.learning_rate),
@@ -128,24 +129,28 @@ def lora_adapter_metadata(peft_config) -> str:
     return json.dumps(packed, indent=2, sort_keys=True, default=str)
 
 
-def lora_state_dict(transformer: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Diffusers-format LoRA tensors: `transformer.<module>.lora_A.weight` / `.lora_B.weight`."""
+def lora_state_dict(
+    transformer: torch.nn.Module, dtype: torch.dtype = torch.float32, state_dict: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Diffusers-format LoRA tensors: `transformer.<module>.lora_A.weight` / `.lora_B.weight`.
+    `state_dict`: the model's tensors already gathered from a sharded model (default: the model's own)."""
     from peft.utils import get_peft_model_state_dict
 
     model = unwrap_model(transformer)
     name = _adapter_name(model)
-    sd = get_peft_model_state_dict(model, adapter_name=name)
+    sd = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
     out = {}
     for k, v in sd.items():
         out[keys.DIFFUSERS_LORA_PREFIX + keys.strip_compile_prefix(k)] = _to_save(v, dtype)
     return out
 
 
-def save_lora(path: str | Path, transformer: torch.nn.Module, cfg, step: int) -> Path:
-    """Write the diffusers-format LoRA (alpha in metadata) to `path` (a .safetensors file, or a folder)."""
+def save_lora(path: str | Path, transformer: torch.nn.Module, cfg, step: int, state_dict: dict | None = None) -> Path:
+    """Write the diffusers-format LoRA (alpha in metadata) to `path` (a .safetensors file, or a folder).
+    `state_dict`: the tensors gathered from a sharded model (`sharding.gather_state_dict`)."""
     target = _target(path, weights_file_name("lora", step))
     model = unwrap_model(transformer)
-    tensors = lora_state_dict(model, save_dtype(cfg))
+    tensors = lora_state_dict(model, save_dtype(cfg), state_dict)
     if not tensors:
         raise UserError(
             f"export.save_lora: the adapter has no LoRA weights (check lora.target_modules: {cfg.lora.target_modules})"
@@ -156,21 +161,26 @@ def save_lora(path: str | Path, transformer: torch.nn.Module, cfg, step: int) ->
     return write_safetensors(target, tensors, meta)
 
 
-def full_state_dict(transformer: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The transformer's weights with diffusers names, no prefix, `_orig_mod.` stripped."""
+def full_state_dict(
+    transformer: torch.nn.Module, dtype: torch.dtype = torch.float32, state_dict: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """The transformer's weights with diffusers names, no prefix, `_orig_mod.` stripped.
+    `state_dict`: the tensors gathered from a sharded model (default: the model's own)."""
     model = unwrap_model(transformer)
     if getattr(model, "peft_config", None):
         raise UserError("export.save_full: the transformer carries a LoRA adapter; use save_lora for LoRA training")
-    return {keys.strip_compile_prefix(k): _to_save(v, dtype) for k, v in model.state_dict().items()}
+    sd = model.state_dict() if state_dict is None else state_dict
+    return {keys.strip_compile_prefix(k): _to_save(v, dtype) for k, v in sd.items()}
 
 
 TRANSFORMER_CONFIG_KEY = f"{META_PREFIX}transformer_config"
 
 
-def save_full(path: str | Path, transformer: torch.nn.Module, cfg, step: int) -> Path:
-    """Write the full fine-tuned transformer (diffusers names) to `path` (a .safetensors file, or a folder)."""
+def save_full(path: str | Path, transformer: torch.nn.Module, cfg, step: int, state_dict: dict | None = None) -> Path:
+    """Write the full fine-tuned transformer (diffusers names) to `path` (a .safetensors file, or a folder).
+    `state_dict`: the tensors gathered from a sharded model (`sharding.gather_state_dict`)."""
     target = _target(path, weights_file_name("full", step))
-    tensors = full_state_dict(transformer, save_dtype(cfg))
+    tensors = full_state_dict(transformer, save_dtype(cfg), state_dict)
     meta = {"format": "pt", **training_metadata(cfg, step), f"{META_PREFIX}key_format": "diffusers"}
     # The architecture travels with the weights, so the file loads as a model_source whatever its size (the
     # shipped configs cover only the released 13B/2B). Own key: a base file's Lightricks "config" stays intact.

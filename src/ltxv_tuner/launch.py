@@ -53,7 +53,7 @@ def launch_command(cfg: Config, run_dir: Path, manifest_path: Path, resume_from:
     if t.accelerate_config:
         if not Path(t.accelerate_config).is_file():
             raise UserError(f"training.accelerate_config: {t.accelerate_config} not found (give an accelerate YAML)")
-        check_accelerate_config(Path(t.accelerate_config))
+        check_accelerate_config(Path(t.accelerate_config), cfg)
         cmd += ["--config_file", t.accelerate_config]
         if t.num_processes:
             cmd += ["--num_processes", str(t.num_processes)]

@@ -13,7 +13,9 @@ training, conversion, the final error if any) also in <run>/logs/train.log.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import os
 import sys
 import time
 import warnings
@@ -30,19 +32,17 @@ def quiet_libraries() -> None:
     """diffusers/transformers warn at every load about things users cannot act on (dtype casts of tiny parts);
     torchao (optional, imported by diffusers and peft when installed) logs CUDA kernels it cannot load on a CPU and
     registers enums with torch's pytree, which torch 2.13 logs as deprecated; torch's CPU bf16 autocast warns that
-    a norm cannot use its fused kernel. None of it is a failure, all of it reads like one."""
+    a norm cannot use its fused kernel. None of it is a failure, all of it reads like one. diffusers' and
+    transformers' verbosity is set through their environment variables (read when they are imported), so a run
+    that needs neither - a cache that is already complete - does not pay seconds to import them just to quiet them."""
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.set_verbosity_error()
-        from transformers.utils import logging as tlog
-
-        tlog.set_verbosity_error()
-    except ImportError:  # without them the stages fail later with a clear message
-        pass
+    for var in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    for name in ("diffusers", "transformers"):  # already imported (a notebook, a test): set them directly
+        if name in sys.modules:
+            importlib.import_module(f"{name}.utils.logging").set_verbosity_error()
 
 
 class _ConsoleHandler(logging.Handler):

@@ -41,7 +41,7 @@ def check(cfg: Config, only: str | None = None, resume: str | None = None) -> Re
     check_acceleration(cfg)  # an option that cannot run should not cost an encode first
     check_tracker(cfg)
     if cfg.training.accelerate_config and Path(cfg.training.accelerate_config).is_file():
-        check_accelerate_config(Path(cfg.training.accelerate_config))
+        check_accelerate_config(Path(cfg.training.accelerate_config), cfg)
     output_dir = Path(cfg.output_dir).expanduser()
     if only != "preprocess" and not resume:
         ckpts.check_output_dir(output_dir)
@@ -50,6 +50,11 @@ def check(cfg: Config, only: str | None = None, resume: str | None = None) -> Re
         from .validation import load_images
 
         load_images(cfg)  # a missing first-frame image must not surface only at the first validation, hours in
+        if cfg.validation.reference_videos:
+            from .ic_validation import read_reference
+
+            for i, path in enumerate(cfg.validation.reference_videos):
+                read_reference(path, cfg.validation.video_dims, i)
     report_device(cfg)
     # The architecture from the config or a local file's header: a wrong file fails before any download or encode.
     report(cfg, models.family(cfg.model).architecture(cfg.model))
@@ -88,20 +93,44 @@ def check_tracker(cfg: Config) -> None:
         )
 
 
-def check_accelerate_config(path: Path) -> None:
-    """Multi-GPU / multi-node data parallel is what the checkpoint hooks support; say so for anything else."""
+def check_accelerate_config(path: Path, cfg: Config) -> None:
+    """Data parallel (MULTI_GPU, also across machines) and FSDP go; FSDP only with training.sharding: fsdp, which
+    does the sharding (fully_shard, see sharding.py): the file's fsdp_config must not ask for something else."""
     import yaml
 
     try:
         acc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"training.accelerate_config: {path} is not valid YAML ({e.__class__.__name__})") from None
-    kind = str(acc.get("distributed_type", "")).upper() if isinstance(acc, dict) else ""
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA", "TPU"):
+    acc = acc if isinstance(acc, dict) else {}
+    kind = str(acc.get("distributed_type", "")).upper()
+    if kind in ("DEEPSPEED", "MEGATRON_LM", "XLA", "TPU"):
         raise UserError(
-            f"training.accelerate_config: {path} asks for distributed_type {kind}, which is not supported yet "
-            "(checkpoints and resume assume data parallel); use distributed_type: MULTI_GPU (also across machines)"
+            f"training.accelerate_config: {path} asks for distributed_type {kind}, which is not supported "
+            "(checkpoints and resume know data parallel and FSDP); use MULTI_GPU, or FSDP with training.sharding: fsdp"
         )
+    if kind == "FSDP" and cfg.training.sharding != "fsdp":
+        raise UserError(
+            f"training.accelerate_config: {path} asks for distributed_type FSDP; set training.sharding: fsdp "
+            "(it does the sharding), or use distributed_type: MULTI_GPU"
+        )
+    fsdp = acc.get("fsdp_config") or {}
+    offload = str(fsdp.get("fsdp_offload_params", cfg.training.cpu_offload)).lower() == "true"
+    if kind == "FSDP" and offload != cfg.training.cpu_offload:
+        raise UserError(
+            f"training.accelerate_config: {path} has fsdp_offload_params: {offload} but training.cpu_offload is "
+            f"{cfg.training.cpu_offload}; set training.cpu_offload: {str(offload).lower()} (it is what is used)"
+        )
+
+
+def planned_processes(cfg: Config) -> int | None:
+    """How many processes training will start (None: an accelerate config file without num_processes decides)."""
+    t = cfg.training
+    if not (t.distributed or t.accelerate_config):
+        return 1
+    if t.num_processes or t.accelerate_config:
+        return t.num_processes
+    return max(1, torch.cuda.device_count())  # what launch.launch_command starts
 
 
 def check_resume(resume: str, output_dir: Path, cfg: Config) -> ResumeTarget:
@@ -109,7 +138,10 @@ def check_resume(resume: str, output_dir: Path, cfg: Config) -> ResumeTarget:
     is touched."""
     run_dir = ckpts.resolve_resume_run(resume, output_dir)
     ckpt = ckpts.resolve_resume_checkpoint(run_dir)
-    done = ckpts.check_resume_compatible(ckpt, cfg.model_dump(mode="json")).get("step", 0)
+    state = ckpts.check_resume_compatible(ckpt, cfg.model_dump(mode="json"))
+    if (n := planned_processes(cfg)) is not None:  # else each launched process checks it
+        ckpts.check_process_count(ckpt, state, n)
+    done = state.get("step", 0)
     if done > cfg.training.steps:  # else the run's config.yaml would claim fewer steps than it has
         raise UserError(
             f"--resume: {ckpt} is at step {done}, past training.steps={cfg.training.steps}; "
@@ -174,15 +206,18 @@ def report_device(cfg: Config) -> list[str]:
 
 @dataclass
 class MemoryEstimate:
+    """Per GPU (per process): sharded runs hold 1/processes of the weights and optimizer state."""
+
     weights_gib: float
     trainable_gib: float  # trainable weights + grads + optimizer state
     activations_gib: float
     tokens: int
+    gathered_gib: float = 0.0  # sharded: whole blocks gathered for compute (this one, the next, its gradients)
 
     @property
     def total_gib(self) -> float:
         # + ~10% for the allocator, cuBLAS workspaces and the CUDA context.
-        return (self.weights_gib + self.trainable_gib + self.activations_gib) * 1.1
+        return (self.weights_gib + self.trainable_gib + self.activations_gib + self.gathered_gib) * 1.1
 
 
 def _lora_params(tcfg: dict, rank: int, targets: list[str]) -> int:
@@ -201,11 +236,22 @@ def _lora_params(tcfg: dict, rank: int, targets: list[str]) -> int:
     return per_block * tcfg["num_layers"]
 
 
-def estimate_memory(cfg: Config, tcfg: dict, bucket: list[int], n_params: int) -> MemoryEstimate:
-    tokens = models.family(cfg.model).sequence_length(*bucket) * cfg.training.batch_size
+def transformer_tokens(cfg: Config, bucket: list[int]) -> int:
+    """Tokens the transformer sees per clip: the clip's, and as many again for an IC-LoRA reference."""
+    tokens = models.family(cfg.model).sequence_length(*bucket)
+    return 2 * tokens if cfg.training.strategy == "ic_lora" else tokens
+
+
+def estimate_memory(
+    cfg: Config, tcfg: dict, bucket: list[int], n_params: int, processes: int = 1, sharding: str | None = None
+) -> MemoryEstimate:
+    """Peak memory of one GPU; `sharding` (default cfg.training.sharding) fsdp divides the weights, gradients and
+    optimizer state by `processes` and adds the blocks gathered for compute."""
+    sharded = (sharding or cfg.training.sharding) == "fsdp"
+    tokens = transformer_tokens(cfg, bucket) * cfg.training.batch_size
     h = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     layers = tcfg["num_layers"]
-    bytes_w = {"none": 2, "int8": 1, "fp8": 1}[cfg.acceleration.quantize_base]
+    bytes_w = 4 if sharded else {"none": 2, "int8": 1, "fp8": 1}[cfg.acceleration.quantize_base]  # sharded: fp32
     adam = 2 if cfg.training.optimizer_type == "adamw8bit" else 8  # state bytes per trainable param
     if cfg.model.training_mode == "lora":
         weights = n_params * bytes_w
@@ -223,33 +269,64 @@ def estimate_memory(cfg: Config, tcfg: dict, bucket: list[int], n_params: int) -
         act = tokens * h * 2 * layers + tokens * (26 * h) * 2
     else:
         act = tokens * (26 * h) * 2 * layers
-    return MemoryEstimate(weights / GIB, trainable / GIB, act / GIB, tokens)
+    if not sharded:
+        return MemoryEstimate(weights / GIB, trainable / GIB, act / GIB, tokens)
+    keep = 0 if cfg.training.cpu_offload else 1 / max(1, processes)  # offloaded shards live in CPU memory
+    gathered = 3 * (n_params / layers) * 4  # fp32 block being computed, the next one prefetched, its gradients
+    return MemoryEstimate(weights * keep / GIB, trainable * keep / GIB, act / GIB, tokens, gathered / GIB)
 
 
 def _size(gib: float) -> str:
     return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
 
 
-def report(cfg: Config, tcfg: dict | None) -> list[str]:
-    """Log one line per bucket; warn when the estimate exceeds the visible GPU. Returns the lines."""
+def _too_big_advice(cfg: Config, tcfg: dict, bucket: list[int], n_params: int, gpu_bytes: float) -> str:
+    """What to change when the estimate exceeds the GPU: for an unsharded full fine-tune, how many GPUs sharding
+    needs (the optimizer state of a 13B full fine-tune alone is ~100 GiB)."""
+    if cfg.model.training_mode == "full" and cfg.training.sharding == "none":
+        for n in (2, 4, 8, 16, 32, 64):
+            if estimate_memory(cfg, tcfg, bucket, n_params, n, "fsdp").total_gib * GIB <= gpu_bytes:
+                return (
+                    f"a full fine-tune of this model does not fit one GPU: set training.sharding: fsdp on {n} or "
+                    f"more such GPUs (training.num_processes: {n}; see docs/TRAINING.md#sharded-training)"
+                )
+        return (
+            "not even sharded over 64 such GPUs: enable training.enable_gradient_checkpointing, use smaller "
+            "buckets, or train a LoRA"
+        )
+    if cfg.training.sharding == "fsdp" and not cfg.training.cpu_offload:
+        return "training.cpu_offload: true, more processes, training.enable_gradient_checkpointing, or smaller buckets"
+    return (
+        "enable training.enable_gradient_checkpointing, acceleration.quantize_base, or smaller buckets "
+        "(see configs/low_vram_24gb.yaml)"
+    )
+
+
+def report(cfg: Config, tcfg: dict | None, gpu: tuple[str, float] | None = None) -> list[str]:
+    """Log one line per bucket; warn when the estimate exceeds the GPU (`gpu`: (name, bytes), default the visible
+    one). Returns the lines."""
     lines = []
     n_params = models.family(cfg.model).count_params(tcfg) if tcfg else None
-    gpu = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    if gpu is None and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = (props.name, props.total_memory)
+    processes = planned_processes(cfg) or 1
     for bucket in cfg.dataset.resolution_buckets:
-        tokens = models.family(cfg.model).sequence_length(*bucket)
+        tokens = transformer_tokens(cfg, bucket)
         line = f"preflight: bucket {bucket[0]}x{bucket[1]}x{bucket[2]}: {tokens} tokens"
+        if cfg.training.strategy == "ic_lora":
+            line += " (half of them the reference's)"
         if n_params:
-            est = estimate_memory(cfg, tcfg, bucket, n_params)
+            est = estimate_memory(cfg, tcfg, bucket, n_params, processes)
+            sharded = f", sharded over {processes} processes" if cfg.training.sharding == "fsdp" else ""
             line += (
-                f", est. peak GPU memory {_size(est.total_gib)} (weights {_size(est.weights_gib)}, "
-                f"trainable+optimizer {_size(est.trainable_gib)}, activations {_size(est.activations_gib)}; rough)"
+                f", est. peak memory per GPU {_size(est.total_gib)} (weights {_size(est.weights_gib)}, "
+                f"trainable+optimizer {_size(est.trainable_gib)}, activations {_size(est.activations_gib)}"
+                f"{f', gathered blocks {_size(est.gathered_gib)}' if est.gathered_gib else ''}{sharded}; rough)"
             )
-            if gpu is not None and est.total_gib * GIB > gpu.total_memory:
-                line += (
-                    f" - MORE than the {gpu.total_memory / GIB:.0f} GiB of {gpu.name}: enable "
-                    "training.enable_gradient_checkpointing, acceleration.quantize_base, or smaller buckets "
-                    "(see configs/low_vram_24gb.yaml)"
-                )
+            if gpu is not None and est.total_gib * GIB > gpu[1]:
+                advice = _too_big_advice(cfg, tcfg, bucket, n_params, gpu[1])
+                line += f" - MORE than the {gpu[1] / GIB:.0f} GiB of {gpu[0]}: {advice}"
         lines.append(line)
         log.info(line)
     return lines

@@ -1,10 +1,11 @@
 """Stage 1: clips + captions -> VAE latents and T5 embeddings under <data_folder>/.precomputed/.
 
 Only what is missing is encoded. Each latent is keyed by the video's content hash, its bucket, the frame/resize
-policy, the VAE identity, dtype and tiling; each condition by the final caption, the text-encoder identity, the
-token length and dtype (cache.hash_key). A run with unchanged files and settings does no work at all: the
-manifest records the size and mtime of every source file and the size of every cache file, and when those
-all match it is returned without opening a video or loading a model.
+policy, the VAE identity, dtype, tiling and posterior policy (a sampled posterior is seeded by the key); each
+condition by the final caption, the text-encoder identity, the token length, the caption encoding (T5 with or
+without the mask) and dtype (cache.hash_key). A run with unchanged files and settings does no work at all: the
+manifest records the size and mtime of every source file and the size of every cache file, and when those all
+match it is returned without opening a video or loading a model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,7 +46,18 @@ from .cache import (
     sources_index_path,
     write_json_atomic,
 )
-from .data import CaptionError, ClipSource, Issue, choose_bucket, final_caption, read_caption, scan_folder
+from .data import (
+    REFERENCE_PREFIX,
+    CaptionError,
+    ClipSource,
+    Issue,
+    ReferenceScan,
+    choose_bucket,
+    final_caption,
+    read_caption,
+    scan_folder,
+    scan_references,
+)
 from .errors import UserError
 from .logs import progress
 from .models import family
@@ -88,13 +101,22 @@ def _settings(cfg, dtype: torch.dtype) -> dict:
         "buckets": [list(map(int, b)) for b in ds.resolution_buckets],
         "id_token": (ds.id_token or "").strip() or None,
         "max_text_length": pp.max_text_length,
+        "caption_encoding": pp.caption_encoding,
         "frame_sampling": pp.frame_sampling,
         "frame_policy": FRAME_POLICY,
         "vae": str(ident["vae"]),
         "text_encoder": str(ident["text_encoder"]),
         "dtype": _dtype_name(dtype),
         "vae_tiling": pp.vae_tiling,
-    }
+        "vae_posterior": pp.vae_posterior,
+    } | _reference_settings(cfg)
+
+
+def _reference_settings(cfg) -> dict:
+    """IC-LoRA only (a text-to-video cache's settings, and so its manifest, stay as they were)."""
+    if cfg.training.strategy != "ic_lora":
+        return {}
+    return {"reference_folder": str(_existing_folder(cfg.dataset.reference_folder, "dataset.reference_folder"))}
 
 
 def _latent_key(settings: dict, sha256: str, bucket: list[int], start: int) -> str:
@@ -108,8 +130,15 @@ def _latent_key(settings: dict, sha256: str, bucket: list[int], start: int) -> s
             "vae": settings["vae"],
             "dtype": settings["dtype"],
             "vae_tiling": settings["vae_tiling"],
+            "vae_posterior": settings["vae_posterior"],
         }
     )
+
+
+def _posterior_seed(latent_key: str) -> int:
+    """The seed of a clip's posterior draw: from its cache key, so encoding it again gives the same latents (and
+    the file stays exactly what its key says)."""
+    return int(latent_key[:15], 16)
 
 
 def _condition_key(settings: dict, caption: str) -> str:
@@ -119,21 +148,34 @@ def _condition_key(settings: dict, caption: str) -> str:
             "caption": caption,
             "text_encoder": settings["text_encoder"],
             "max_text_length": settings["max_text_length"],
+            "caption_encoding": settings["caption_encoding"],
             "dtype": settings["dtype"],
         }
     )
 
 
-def _data_folder(cfg) -> Path:
-    folder = Path(cfg.dataset.data_folder).expanduser()
+def _existing_folder(value: str, key: str, what: str = "the folder that holds the clips") -> Path:
+    folder = Path(value).expanduser()
     if not folder.exists():
         where = "" if folder.is_absolute() else f"; a relative path is read from the current folder {Path.cwd()}"
-        raise UserError(
-            f"dataset.data_folder: {folder} does not exist (point it at a folder of clip.mp4 + clip.txt pairs{where})"
-        )
+        raise UserError(f"{key}: {folder} does not exist (point it at {what}{where})")
     if not folder.is_dir():
-        raise UserError(f"dataset.data_folder: {folder} is a file, not a folder (give the folder that holds the clips)")
-    return folder
+        raise UserError(f"{key}: {folder} is a file, not a folder (give {what})")
+    return folder.resolve() if key == "dataset.reference_folder" else folder
+
+
+def _data_folder(cfg) -> Path:
+    return _existing_folder(cfg.dataset.data_folder, "dataset.data_folder", "a folder of clip.mp4 + clip.txt pairs")
+
+
+def _sources(folder: Path, settings: dict, files: list[Path]) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every file the cache depends on: clips and captions (`files`), and IC-LoRA references."""
+    sources = _snapshot(folder, files)
+    if "reference_folder" in settings:
+        ref_folder = Path(settings["reference_folder"])
+        refs = _snapshot(ref_folder, scan_references(ref_folder, []).files)
+        sources |= {REFERENCE_PREFIX + rel: v for rel, v in refs.items()}
+    return sources
 
 
 def _snapshot(folder: Path, files: Iterable[Path]) -> dict[str, list[int]]:
@@ -222,6 +264,7 @@ class _Item:
     start: int
     latent_key: str
     condition_key: str
+    reference: _Item | None = None  # IC-LoRA: the reference clip (same bucket, start and crop; no caption)
 
 
 @dataclass
@@ -238,47 +281,81 @@ class _Report:
     pruned: int = 0
 
 
+def _plan_reference(src: ClipSource, refs: ReferenceScan, index: _SourceIndex, settings: dict, bucket, start):
+    """(the reference _Item, None) or (None, why the clip is skipped)."""
+    path = refs.by_clip.get(src.rel)
+    if path is None:
+        return None, next(i.reason for i in refs.missing if i.path == src.rel)
+    ref_folder = Path(settings["reference_folder"])
+    rsrc = ClipSource(rel=REFERENCE_PREFIX + path.relative_to(ref_folder).as_posix(), video=path, caption=path)
+    entry = index.get(rsrc)
+    if entry.get("error"):
+        return None, f"reference {rsrc.rel}: {entry['error']}"
+    frames = VideoInfo(**entry["probe"]).num_frames
+    if frames < start + bucket[2]:
+        return None, (
+            f"reference {rsrc.rel} has {frames} frames; the clip is trained on frames {start}..{start + bucket[2] - 1} "
+            "and the reference must cover the same span"
+        )
+    key = _latent_key(settings, entry["sha256"], bucket, start)
+    if key in entry.get("failed", {}):
+        return None, f"reference {rsrc.rel}: {entry['failed'][key]}"
+    return _Item(src=rsrc, caption="", bucket=bucket, start=start, latent_key=key, condition_key=""), None
+
+
+def _plan_clip(folder: Path, src: ClipSource, index: _SourceIndex, settings: dict, refs, report: _Report):
+    """The clip's _Item, or None with the reason reported."""
+    caption_rel = src.caption.relative_to(folder).as_posix()
+    try:
+        caption, note = read_caption(src.caption)
+    except CaptionError as e:
+        report.skipped.append(Issue(caption_rel, str(e)))
+        return None
+    if note:
+        report.notes.append(Issue(caption_rel, note))
+    entry = index.get(src)
+    if entry.get("error"):
+        report.skipped.append(Issue(src.rel, entry["error"]))
+        return None
+    info = VideoInfo(**entry["probe"])
+    bucket, why = choose_bucket(info.width, info.height, info.num_frames, settings["buckets"])
+    if bucket is None:
+        report.skipped.append(Issue(src.rel, why))
+        return None
+    start = start_index(info.num_frames, bucket[2], settings["frame_sampling"])
+    latent_key = _latent_key(settings, entry["sha256"], bucket, start)
+    if latent_key in entry.get("failed", {}):
+        report.skipped.append(Issue(src.rel, entry["failed"][latent_key]))
+        return None
+    reference = None
+    if refs is not None:
+        reference, why = _plan_reference(src, refs, index, settings, bucket, start)
+        if reference is None:
+            report.skipped.append(Issue(src.rel, why))
+            return None
+    caption = final_caption(caption, settings["id_token"])
+    condition_key = _condition_key(settings, caption)
+    return _Item(src, caption, bucket, start, latent_key, condition_key, reference)
+
+
 def _plan(folder: Path, root: Path, settings: dict, report: _Report) -> tuple[list[_Item], _SourceIndex]:
     scan = scan_folder(folder)
     report.skipped += scan.skipped
     report.notes += scan.notes
     index = _SourceIndex(root, folder)
+    keep = {p.relative_to(folder).as_posix() for p in scan.files}
+    refs = None
+    if "reference_folder" in settings:
+        ref_folder = Path(settings["reference_folder"])
+        refs = scan_references(ref_folder, [c.rel for c in scan.clips])
+        report.skipped += refs.orphans
+        keep |= {REFERENCE_PREFIX + p.relative_to(ref_folder).as_posix() for p in refs.files}
     items = []
     for src in progress(scan.clips, desc="scan", unit="clip", leave=False, disable=len(scan.clips) < 20):
-        caption_rel = src.caption.relative_to(folder).as_posix()
-        try:
-            caption, note = read_caption(src.caption)
-        except CaptionError as e:
-            report.skipped.append(Issue(caption_rel, str(e)))
-            continue
-        if note:
-            report.notes.append(Issue(caption_rel, note))
-        entry = index.get(src)
-        if entry.get("error"):
-            report.skipped.append(Issue(src.rel, entry["error"]))
-            continue
-        info = VideoInfo(**entry["probe"])
-        bucket, why = choose_bucket(info.width, info.height, info.num_frames, settings["buckets"])
-        if bucket is None:
-            report.skipped.append(Issue(src.rel, why))
-            continue
-        start = start_index(info.num_frames, bucket[2], settings["frame_sampling"])
-        latent_key = _latent_key(settings, entry["sha256"], bucket, start)
-        if latent_key in entry.get("failed", {}):
-            report.skipped.append(Issue(src.rel, entry["failed"][latent_key]))
-            continue
-        caption = final_caption(caption, settings["id_token"])
-        items.append(
-            _Item(
-                src=src,
-                caption=caption,
-                bucket=bucket,
-                start=start,
-                latent_key=latent_key,
-                condition_key=_condition_key(settings, caption),
-            )
-        )
-    index.keep_only({p.relative_to(folder).as_posix() for p in scan.files})
+        item = _plan_clip(folder, src, index, settings, refs, report)
+        if item is not None:
+            items.append(item)
+    index.keep_only(keep)
     index.save()
     return items, index
 
@@ -329,8 +406,8 @@ def _release_memory() -> None:
 
 @torch.inference_mode()
 def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, dtype: torch.dtype, report: _Report):
-    max_len = cfg.dataset.preprocessing.max_text_length
-    batch_size = cfg.dataset.preprocessing.batch_size
+    pp = cfg.dataset.preprocessing
+    max_len, batch_size = pp.max_text_length, pp.batch_size
     fam = family(cfg.model)
     tokenizer, encoder = fam.load_text_encoder(cfg.model, dtype=dtype, device=device)
     keys = list(captions)
@@ -338,7 +415,7 @@ def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, d
         for i in range(0, len(keys), batch_size):
             batch = keys[i : i + batch_size]
             texts = [captions[k] for k in batch]
-            embeds, masks = fam.encode_captions(tokenizer, encoder, texts, max_len, device)
+            embeds, masks = fam.encode_captions(tokenizer, encoder, texts, max_len, device, pp.caption_encoding)
             for j, key in enumerate(batch):
                 full_len = fam.caption_token_count(tokenizer, texts[j])
                 if full_len > max_len:
@@ -354,6 +431,14 @@ def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, d
             bar.update(len(batch))
     del tokenizer, encoder
     _release_memory()
+
+
+def decode_workers(setting: int | None) -> int:
+    """dataset.preprocessing.num_workers, null = half the cores (1 to 4): on 2 cores one decode thread took the
+    encoding stage from 61 % to 81 % of its encode-only limit, a second one added nothing (benchmarks/preprocess.py)."""
+    if setting is not None:
+        return setting
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def _in_order(items: list, fn: Callable, workers: int) -> Iterator[tuple]:
@@ -401,13 +486,15 @@ def _encode_latents(
         by_bucket.setdefault(tuple(item.bucket), []).append(item)
     ordered = [item for group in by_bucket.values() for item in group]
 
-    def decode(item: _Item):
+    def decode(item: _Item):  # in a worker thread when num_workers > 0: decoding overlaps the VAE
         w, h, f = item.bucket
-        return read_clip(item.src.video, w, h, f, item.start)
+        frames, fps = read_clip(item.src.video, w, h, f, item.start)
+        return frames_to_vae_input(frames), fps
 
     def flush(batch: list[tuple[_Item, torch.Tensor, float]]):
-        x = torch.stack([frames_to_vae_input(frames) for _, frames, _ in batch]).to(device=device, dtype=dtype)
-        latents = fam.encode_video(vae, x)
+        x = torch.stack([pixels for _, pixels, _ in batch]).to(device=device, dtype=dtype)
+        seeds = [_posterior_seed(item.latent_key) for item, _, _ in batch]
+        latents = fam.encode_video(vae, x, pp.vae_posterior, seeds)
         for (item, _, fps), lat in zip(batch, latents, strict=True):
             save_tensors_atomic(
                 latent_path(root, item.latent_key),
@@ -419,7 +506,7 @@ def _encode_latents(
 
     batch: list = []
     with progress(total=len(ordered), desc="VAE latents", unit="clip") as bar:
-        for item, result in _in_order(ordered, decode, pp.num_workers):
+        for item, result in _in_order(ordered, decode, decode_workers(pp.num_workers)):
             if isinstance(result, VideoError):
                 on_bad(item, str(result))
             else:
@@ -494,6 +581,8 @@ def _manifest_files(root: Path, clips: list[CachedClip], with_decoded: bool) -> 
     files = {}
     for c in clips:
         paths = [latent_path(root, c.latent_key), condition_path(root, c.condition_key)]
+        if c.reference_key:
+            paths.append(latent_path(root, c.reference_key))
         if with_decoded:
             paths.append(decoded_path(root, c.video, c.bucket))
         for p in paths:
@@ -661,8 +750,9 @@ def _missing_latents(cfg, root, items: list[_Item], index: _SourceIndex, device,
     """Encode the latents not yet cached. Returns (latent key -> why its video could not be decoded,
     latent key -> fps of the clips encoded now)."""
     fam = family(cfg.model)
+    everything = items + [it.reference for it in items if it.reference is not None]
     first_by_latent: dict[str, _Item] = {}
-    for it in items:
+    for it in everything:
         first_by_latent.setdefault(it.latent_key, it)
     lat_paths = {k: latent_path(root, k) for k in first_by_latent}
     lat_todo = _needed(lat_paths, lambda k, p: _check_latent(p, first_by_latent[k].bucket, fam), report)
@@ -673,7 +763,7 @@ def _missing_latents(cfg, root, items: list[_Item], index: _SourceIndex, device,
 
     def on_bad(item: _Item, reason: str) -> None:
         bad_reasons[item.latent_key] = reason
-        for other in items:  # identical files share the key: all of them failed
+        for other in everything:  # identical files share the key: all of them failed
             if other.latent_key == item.latent_key:
                 index.mark_bad(other.src.rel, item.latent_key, reason)
 
@@ -688,6 +778,10 @@ def _cached_clips(root: Path, items: list[_Item], bad_reasons: dict, fps_by_key:
         if it.latent_key in bad_reasons:
             skipped.append(Issue(it.src.rel, bad_reasons[it.latent_key]))
             continue
+        ref = it.reference
+        if ref is not None and ref.latent_key in bad_reasons:
+            skipped.append(Issue(it.src.rel, f"reference {ref.src.rel}: {bad_reasons[ref.latent_key]}"))
+            continue
         shapes, meta = read_header(latent_path(root, it.latent_key))
         fps = fps_by_key.get(it.latent_key) or float(meta.get("fps", DEFAULT_FPS))
         clips.append(
@@ -699,6 +793,8 @@ def _cached_clips(root: Path, items: list[_Item], bad_reasons: dict, fps_by_key:
                 latent_key=it.latent_key,
                 condition_key=it.condition_key,
                 latent_shape=shapes["latents"],
+                reference=ref.src.rel.removeprefix(REFERENCE_PREFIX) if ref else None,
+                reference_key=ref.latent_key if ref else None,
             )
         )
     return clips
@@ -716,7 +812,7 @@ def run_preprocess(cfg) -> Path:
     scan_files = scan_folder(folder).files
     if not scan_files:
         raise _no_clip_error(folder, [])
-    sources = _snapshot(folder, scan_files)
+    sources = _sources(folder, settings, scan_files)
     if _reuse(cfg, mpath, root, settings, sources, t0):
         return mpath
 
@@ -774,7 +870,7 @@ def find_manifest(cfg) -> Path:
             f"{mpath}: {len(missing)} cache file(s) it lists are gone (e.g. {missing[0]}): run preprocessing again"
         )
     # Training on a cache older than the folder would silently use old captions and miss new clips.
-    now = _snapshot(folder, scan_folder(folder).files)
+    now = _sources(folder, settings, scan_folder(folder).files)
     if now != manifest.sources:
         changed = sorted(set(now) ^ set(manifest.sources)) + sorted(
             k for k in set(now) & set(manifest.sources) if now[k] != manifest.sources[k]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoints as ckpts
-from . import metrics, models, strategies
+from . import metrics, models, sharding, strategies
 from .cache import write_json_atomic
 from .config import Config
 from .dataset import BatchOrder, CachedDataset, step_batches
@@ -74,9 +75,12 @@ def training_step(transformer: torch.nn.Module, batch: dict, generator: torch.Ge
     _, _, f, h, w = latents.shape
     x0 = family.pack_latents(latents.float())
     shift = family.scheduler_shift(f * h * w)
-    tokens, timestep, target, loss_mask = strategy.prepare(x0, h * w, shift, generator, cfg.training)
-    pred = family.forward(transformer, tokens, timestep, batch, (f, h, w))
-    return flow_matching_loss(strategy.prediction_for_loss(pred), target, loss_mask)
+    ref = batch.get("reference_latents")
+    reference = family.pack_latents(ref.float()) if ref is not None else None
+    inputs = strategy.prepare(x0, h * w, shift, generator, cfg.training, reference)
+    reference_grid = tuple(ref.shape[2:]) if inputs.prepended else None
+    pred = family.forward(transformer, inputs.tokens, inputs.timestep, batch, (f, h, w), reference_grid)
+    return flow_matching_loss(strategy.prediction_for_loss(pred, inputs), inputs.target, inputs.loss_mask)
 
 
 def optimizer_step(accelerator, model, optimizer, lr_scheduler, params, micro_batches: list[dict], step: int, cfg):
@@ -86,14 +90,15 @@ def optimizer_step(accelerator, model, optimizer, lr_scheduler, params, micro_ba
     n = len(micro_batches)
     rank = accelerator.process_index
     step_loss = torch.zeros((), device=accelerator.device)
+    no_sync = sharding.no_gradient_sync if sharding.is_sharded(model) else accelerator.no_sync
     for micro, batch in enumerate(micro_batches):
         generator = torch.Generator(accelerator.device).manual_seed(step_seed(cfg.seed, step, micro, rank))
-        with contextlib.nullcontext() if micro == n - 1 else accelerator.no_sync(model):
+        with contextlib.nullcontext() if micro == n - 1 else no_sync(model):
             loss = training_step(model, batch, generator, cfg)
             accelerator.backward(loss / n)
         step_loss += loss.detach()
     max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    grad_norm = sharding.local_tensor(accelerator.clip_grad_norm_(params, max_norm))  # sharded: replicated DTensor
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -105,8 +110,10 @@ def optimizer_step(accelerator, model, optimizer, lr_scheduler, params, micro_ba
 
 
 def _lora_base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    # Frozen base weights can live in bf16 on a GPU (half the memory); trainable weights stay fp32.
-    if cfg.model.training_mode == "lora" and device.type == "cuda" and cfg.training.mixed_precision_mode == "bf16":
+    # Frozen base weights can live in bf16 on a GPU (half the memory); trainable weights stay fp32. Sharded: fp32
+    # (FSDP2 gathers one dtype per block; sharding is what saves the memory there).
+    lora, sharded = cfg.model.training_mode == "lora", cfg.training.sharding != "none"
+    if lora and not sharded and device.type == "cuda" and cfg.training.mixed_precision_mode == "bf16":
         return torch.bfloat16
     return torch.float32
 
@@ -232,7 +239,8 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch
                 "(pip install bitsandbytes, or set training.optimizer_type: adamw)"
             ) from None
         return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device.type == "cuda")
+    fused = all(p.device.type == "cuda" for p in params)  # not for shards offloaded to the CPU (cpu_offload)
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
@@ -277,6 +285,10 @@ def make_accelerator(cfg: Config, run_dir: Path | None = None):
     tracker = None if cfg.training.report_to == "none" else cfg.training.report_to
     if tracker:
         check_tracker(cfg)
+    if cfg.training.sharding == "fsdp":
+        # training.py shards with fully_shard itself; an accelerate config with distributed_type FSDP launched the
+        # processes, but accelerate must not also wrap the model with its own FSDP plugin.
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         # cpu=True on a machine without CUDA: accelerate then joins several launched processes with gloo
@@ -343,6 +355,25 @@ def _check_embedding_width(data: CachedDataset, cfg: Config, model: torch.nn.Mod
         )
 
 
+def _prepare_for_training(accelerator, cfg: Config, model: torch.nn.Module):
+    """Data parallel: accelerate.prepare wraps the model (DDP) and the optimizer. Sharded: the blocks are sharded
+    first (the optimizer must see the sharded parameters) and accelerate gets only the LR scheduler; the shards
+    are saved per process by sharding's state hooks. Returns (model, optimizer, lr_scheduler, params)."""
+    sharded = cfg.training.sharding == "fsdp"
+    if sharded:
+        model = sharding.shard_transformer(accelerator, model, cfg.training.cpu_offload)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg, accelerator.device)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg)
+    if sharded:
+        lr_scheduler = accelerator.prepare(lr_scheduler)
+        sharding.register_state_hooks(accelerator, model, optimizer)
+    else:
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+        ckpts.register_state_hooks(accelerator)
+    return model, optimizer, lr_scheduler, params
+
+
 def setup(accelerator, cfg: Config, run_dir: Path, manifest_path: Path, resume_ckpt: Path | None) -> Trainer:
     """Data, model, optimizer and schedule, prepared by accelerate; the checkpoint's state restored if resuming."""
     t = cfg.training
@@ -352,11 +383,7 @@ def setup(accelerator, cfg: Config, run_dir: Path, manifest_path: Path, resume_c
         _warn_partial_batches(data, groups, t.batch_size)
     model = prepare_transformer(cfg, accelerator.device)
     _check_embedding_width(data, cfg, model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg, accelerator.device)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ckpts.register_state_hooks(accelerator)
+    model, optimizer, lr_scheduler, params = _prepare_for_training(accelerator, cfg, model)
     tr = Trainer(accelerator, cfg, run_dir, data, BatchOrder(groups, t.batch_size, cfg.seed), model, optimizer,
                  lr_scheduler, params)  # fmt: skip
     if resume_ckpt is not None:
@@ -407,12 +434,16 @@ def _save(tr: Trainer) -> None:
     from . import export
 
     cfg, accelerator = tr.cfg, tr.accelerator
+    lora = cfg.model.training_mode == "lora"
+    gathered = None
+    if sharding.is_sharded(tr.model):  # every process takes part in the gather; process 0 writes the file
+        gathered = sharding.gather_state_dict(tr.model, (lambda n: "lora_" in n) if lora else (lambda n: True))
 
     def write_weights(folder: Path) -> None:
         transformer = accelerator.unwrap_model(tr.model)
         path = folder / ckpts.weights_file_name(cfg.model.training_mode, tr.step)
-        save = export.save_lora if cfg.model.training_mode == "lora" else export.save_full
-        save(path, transformer, cfg, tr.step)
+        save = export.save_lora if lora else export.save_full
+        save(path, transformer, cfg, tr.step, state_dict=gathered)
 
     state = {
         "step": tr.step,

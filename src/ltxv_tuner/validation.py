@@ -1,8 +1,15 @@
-"""Validation videos during training: the weights being trained, rendered with diffusers' LTX pipelines.
+"""Validation videos during training: the weights being trained, rendered as Lightricks recommends for the model.
+
+Every video goes through diffusers' LTXConditionPipeline (image-to-video for each prompt with an image in
+`validation.images`, text-to-video for the others: no list, or null in it) with the settings of the model version
+(`family.inference_settings`: dev or distilled schedule, guidance, decode timestep and noise, frame rate), each
+overridable in `validation.*`. Prompts are encoded by the family's `encode_captions` with the training cache's
+caption_encoding, so the model sees prompts as it saw captions.
 
 Runs on the main process only. The VAE, text encoder and scheduler are loaded once per process and kept
 (on the CPU between validations). Writes
-<run_dir>/validation/step_NNNNNN/<index>_<prompt words>.mp4 with PyAV.
+<run_dir>/validation/step_NNNNNN/<index>_<prompt words>.mp4 with PyAV, and beside each a .txt sidecar (YAML) with
+the prompt and every setting it was rendered with.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from .checkpoints import validation_dir
 from .config import Config
@@ -23,8 +31,9 @@ from .models import family
 
 log = logging.getLogger("ltxv_tuner.validation")
 
-VALIDATION_FPS = 24
 _PARTS: dict[str, tuple] = {}  # model config JSON -> (vae, tokenizer, text_encoder)
+_OVERRIDABLE = ("inference_steps", "guidance_scale", "decode_timestep", "decode_noise_scale", "frame_rate",
+                "image_cond_noise_scale")  # fmt: skip
 
 
 def _slug(text: str, words: int = 6) -> str:
@@ -55,6 +64,31 @@ def load_images(cfg: Config) -> list:
     return images
 
 
+def render_settings(cfg: Config) -> dict:
+    """The settings validation renders with: the model version's (Lightricks' recommendation), then every
+    `validation.*` value that is set. `sigmas` are the noise levels actually sampled at."""
+    v = cfg.validation
+    fam = family(cfg.model)
+    s = fam.inference_settings(cfg.model)
+    for key in _OVERRIDABLE:
+        if getattr(v, key) is not None:
+            s[key] = getattr(v, key)
+    if v.schedule is not None:
+        s["schedule"] = v.schedule
+    if s["schedule"] != "shifted" and v.inference_steps is not None:
+        log.warning("validation.inference_steps: ignored, the schedule is a fixed list of %d noise levels (set "
+                    "validation.schedule: shifted to use it)", len(s["schedule"]))  # fmt: skip
+    if s["schedule"] == "shifted" and s["inference_steps"] < 2:  # the terminal stretch divides by zero with 1
+        log.warning("validation.inference_steps: %d is too few for the LTXV scheduler; using 2", s["inference_steps"])
+        s["inference_steps"] = 2
+    seq_len = fam.sequence_length(*v.video_dims)
+    s["sigmas"] = fam.validation_sigmas(cfg.model, s["schedule"], s["inference_steps"], seq_len)
+    s["inference_steps"] = len(s["sigmas"])
+    s["caption_encoding"] = cfg.dataset.preprocessing.caption_encoding
+    s["max_text_length"] = cfg.dataset.preprocessing.max_text_length
+    return s
+
+
 def _parts(cfg: Config, dtype: torch.dtype):
     fam = family(cfg.model)
     key = f"{cfg.model.model_dump_json()}|{dtype}"
@@ -65,7 +99,7 @@ def _parts(cfg: Config, dtype: torch.dtype):
     return _PARTS[key]
 
 
-def write_mp4(frames: np.ndarray, path: Path, fps: int = VALIDATION_FPS) -> Path:
+def write_mp4(frames: np.ndarray, path: Path, fps: float = 25) -> Path:
     """frames: [F, H, W, 3] floats in [0, 1] or uint8; H and W even (LTXV sizes are multiples of 32)."""
     import av
 
@@ -74,7 +108,7 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = VALIDATION_FPS) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.mp4")
     with av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream = container.add_stream("libx264", rate=Fraction(str(fps)).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18"}
@@ -83,6 +117,104 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = VALIDATION_FPS) -> Path
         container.mux(stream.encode())
     tmp.replace(path)
     return path
+
+
+def _render_ic_lora(cfg: Config, transformer, parts, run_dir: Path, step: int, autocast_dtype) -> list[Path]:
+    from . import ic_validation
+
+    device = next(transformer.parameters()).device
+    s = render_settings(cfg)
+    was_training = transformer.training
+    transformer.eval()
+    written = []
+    try:
+        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with autocast:
+            for i, prompt in enumerate(final_prompts(cfg)):
+                videos = ic_validation.render(cfg, s, transformer, parts, run_dir, step, i, prompt, _slug, write_mp4)
+                for path, seed in videos:
+                    record = {**_record(cfg, s, step, prompt, i, seed), "mode": "ic-lora",
+                              "reference_video": cfg.validation.reference_videos[i],
+                              "pipeline": "ltxv_tuner.ic_validation (reference tokens prepended)"}  # fmt: skip
+                    write_sidecar(path, record)
+                    written.append(path)
+    finally:
+        transformer.train(was_training)
+        parts[0].to("cpu")
+        parts[2].to("cpu")
+    out_dir = validation_dir(run_dir, step)
+    log.info("validation step %d: %d video(s) (+ side-by-side) in %s", step, len(written), out_dir)
+    return written
+
+
+def write_sidecar(mp4: Path, record: dict) -> Path:
+    """<video>.txt beside the mp4: the prompt and every setting it was rendered with (YAML, one key per line)."""
+    path = mp4.with_suffix(".txt")
+    text = yaml.safe_dump(record, sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_scheduler():
+    """The scheduler warns that timesteps come without sigmas; here they are the exact sigmas x 1000, by design."""
+    logger = logging.getLogger("diffusers.schedulers.scheduling_flow_match_euler_discrete")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _render(pipe, cfg: Config, s: dict, texts: dict, image, generator) -> np.ndarray:
+    """One video [F, H, W, 3] floats in [0, 1]. `texts`: the family's encoded prompt (and negative prompt)."""
+    width, height, frames = cfg.validation.video_dims
+    kwargs = {"image": image, "frame_index": 0, "strength": 1.0} if image is not None else {}
+    if "negative" in texts:
+        kwargs |= {
+            "negative_prompt_embeds": texts["negative"][0],
+            "negative_prompt_attention_mask": texts["negative"][1],
+        }
+    with _quiet_scheduler():
+        video = pipe(
+            prompt_embeds=texts["prompt"][0], prompt_attention_mask=texts["prompt"][1],
+            width=width, height=height, num_frames=frames, frame_rate=s["frame_rate"],
+            timesteps=[x * 1000.0 for x in s["sigmas"]], guidance_scale=s["guidance_scale"],
+            decode_timestep=s["decode_timestep"], decode_noise_scale=s["decode_noise_scale"],
+            image_cond_noise_scale=s["image_cond_noise_scale"], generator=generator, output_type="np", **kwargs,
+        ).frames  # fmt: skip
+    return np.asarray(video[0], dtype=np.float32)
+
+
+def _encode_texts(cfg: Config, s: dict, tokenizer, text_encoder, prompt: str, device) -> dict:
+    """The prompt (and, with guidance, the negative prompt) as the training cache encodes captions."""
+    fam = family(cfg.model)
+    texts = {"prompt": prompt}
+    if s["guidance_scale"] > 1.0:
+        texts["negative"] = cfg.validation.negative_prompt
+    out = {}
+    for key, text in texts.items():
+        emb, mask = fam.encode_captions(
+            tokenizer, text_encoder, [text], s["max_text_length"], device, s["caption_encoding"]
+        )
+        out[key] = (emb, mask.to(device))
+    return out
+
+
+def _record(cfg: Config, s: dict, step: int, prompt: str, index: int, seed: int) -> dict:
+    v = cfg.validation
+    width, height, frames = v.video_dims
+    image = v.images[index] if v.images is not None else None
+    return {
+        "step": step, "prompt": prompt,
+        "negative_prompt": v.negative_prompt if s["guidance_scale"] > 1.0 else None,
+        "image": image, "mode": "image-to-video" if image else "text-to-video",
+        "pipeline": "diffusers LTXConditionPipeline", "model_source": cfg.model.model_source,
+        "inference": s["kind"], "width": width, "height": height, "frames": frames, "seed": seed,
+        **{k: s[k] for k in ("frame_rate", "inference_steps", "sigmas", "guidance_scale", "decode_timestep",
+                             "decode_noise_scale", "image_cond_noise_scale", "caption_encoding", "max_text_length")},
+    }  # fmt: skip
 
 
 def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, step: int) -> list[Path]:
@@ -97,19 +229,11 @@ def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, ste
     vae, tokenizer, text_encoder = _parts(cfg, parts_dtype)
     vae.to(device)
     text_encoder.to(device)
+    if cfg.training.strategy == "ic_lora":
+        return _render_ic_lora(cfg, transformer, (vae, tokenizer, text_encoder), run_dir, step, autocast_dtype)
     images = load_images(cfg)
-    # Text-to-video and image-to-video pipelines share every component; each is built only when a prompt needs it.
-    pipes = {
-        i2v: family(cfg.model).validation_pipeline(
-            cfg.model, transformer, vae, tokenizer, text_encoder, image_to_video=i2v
-        )
-        for i2v in {image is not None for image in images}
-    }
-    width, height, frames = v.video_dims
-    steps = v.inference_steps
-    if steps < 2:  # LTXV's scheduler (shift_terminal) divides by zero with a single step
-        log.warning("validation.inference_steps: %d is too few for the LTXV scheduler; using 2", steps)
-        steps = 2
+    s = render_settings(cfg)
+    pipe = family(cfg.model).validation_pipeline(cfg.model, transformer, vae, tokenizer, text_encoder)
     out_dir = validation_dir(run_dir, step)
     was_training = transformer.training
     transformer.eval()
@@ -118,26 +242,15 @@ def run_validation(cfg: Config, transformer: torch.nn.Module, run_dir: Path, ste
         autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with torch.no_grad(), autocast:
             for i, prompt in enumerate(final_prompts(cfg)):
-                # One video per call: less memory, and diffusers' image-to-video decode breaks for batches > 1.
+                texts = _encode_texts(cfg, s, tokenizer, text_encoder, prompt, device)
+                # One video per call: less memory, and one seed per video.
                 for j in range(v.videos_per_prompt):
-                    generator = torch.Generator(device).manual_seed(v.seed + 1000 * i + j)
-                    kwargs = {"image": images[i]} if images[i] is not None else {}
-                    video = pipes[images[i] is not None](
-                        prompt=prompt,
-                        negative_prompt=v.negative_prompt,
-                        width=width,
-                        height=height,
-                        num_frames=frames,
-                        frame_rate=VALIDATION_FPS,
-                        num_inference_steps=steps,
-                        guidance_scale=v.guidance_scale,
-                        generator=generator,
-                        output_type="np",
-                        max_sequence_length=cfg.dataset.preprocessing.max_text_length,
-                        **kwargs,
-                    ).frames
-                    name = f"{i:02d}_{j:02d}_{_slug(prompt)}.mp4"
-                    written.append(write_mp4(np.asarray(video[0], dtype=np.float32), out_dir / name))
+                    seed = v.seed + 1000 * i + j
+                    generator = torch.Generator(device).manual_seed(seed)
+                    video = _render(pipe, cfg, s, texts, images[i], generator)  # None: text-to-video
+                    path = write_mp4(video, out_dir / f"{i:02d}_{j:02d}_{_slug(prompt)}.mp4", s["frame_rate"])
+                    write_sidecar(path, _record(cfg, s, step, prompt, i, seed))
+                    written.append(path)
     finally:
         transformer.train(was_training)
         # Training never needs the VAE or T5: they leave the GPU as soon as the videos are made.

@@ -15,6 +15,7 @@ import av
 import numpy as np
 import torch
 
+FRAME_THREADING_MIN_PIXELS = 512 * 384 * 49
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 DEFAULT_FPS = 24.0
 
@@ -152,7 +153,11 @@ def read_clip(path: str | Path, width: int, height: int, num_frames: int, start:
     container = _open(path)
     try:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        # FFmpeg frame threading starts one decoder per core: worth it for big clips, 10x slower for short small
+        # ones (46-53 ms instead of 3-5 ms for 17 frames of 128x96 here). Break-even near 512x384x49.
+        ctx = stream.codec_context
+        if (ctx.width or 0) * (ctx.height or 0) * (start + num_frames) >= FRAME_THREADING_MIN_PIXELS:
+            stream.thread_type = "AUTO"
         sar = _sar(stream)
         frames: list[np.ndarray] = []
         times: list[float] = []
@@ -190,8 +195,9 @@ def read_clip(path: str | Path, width: int, height: int, num_frames: int, start:
 
 
 def frames_to_vae_input(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 [F, H, W, 3] -> float [3, F, H, W] in [-1, 1] (the LTXV VAE's input range)."""
-    return frames.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+    """uint8 [F, H, W, 3] -> float [3, F, H, W] in [-1, 1] (the LTXV VAE's input range). One allocation and
+    in-place arithmetic: the same values as .float().div(127.5).sub(1.0), several times faster on large clips."""
+    return frames.permute(3, 0, 1, 2).to(torch.float32).div_(127.5).sub_(1.0)
 
 
 def write_video(

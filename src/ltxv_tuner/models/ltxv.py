@@ -29,7 +29,12 @@ import torch
 
 from ..errors import UserError
 from . import hub, ltxv_tiny
-from .ltxv_keys import ORIGINAL_TRANSFORMER_PREFIX, original_to_diffusers, strip_compile_prefix
+from .ltxv_keys import (
+    LIGHTRICKS_TRANSFORMER_FIELDS,
+    ORIGINAL_TRANSFORMER_PREFIX,
+    original_to_diffusers,
+    strip_compile_prefix,
+)
 from .single_file import Header, build_from_state, is_aux_key, lora_like, match, read_header, read_tensors
 from .sources import HF_REVISION, MODEL_CONFIGS, ModelSource, lookup_version, missing_path_error, named_versions
 from .sources import versions as _versions
@@ -43,15 +48,7 @@ TEXT_ENCODER_PATTERNS = ["text_encoder/*", "tokenizer/*"]
 _TRANSFORMER_CONFIG_DIRS = ("ltxv-13b-0.9.7", "ltxv-2b-0.9.5")
 _VAE_CONFIG_DIRS = ("ltxv-2b-0.9.5", "ltxv-2b-0.9.1", "ltxv-2b-0.9.0")
 # Fields of a Lightricks metadata transformer config that mean the same in diffusers.
-_META_TRANSFORMER_FIELDS = (
-    "in_channels",
-    "out_channels",
-    "num_attention_heads",
-    "attention_head_dim",
-    "cross_attention_dim",
-    "num_layers",
-    "caption_channels",
-)
+_META_TRANSFORMER_FIELDS = LIGHTRICKS_TRANSFORMER_FIELDS
 
 
 def transformer_config(version_name: str) -> dict:
@@ -451,11 +448,26 @@ def architecture(model_cfg) -> dict:
 
 
 def count_params(tcfg: dict) -> int:
-    from diffusers import LTXVideoTransformer3DModel
+    """Parameters of LTXVideoTransformer3DModel for this config, by arithmetic (no diffusers import, no model built:
+    the no-op path stays fast). A test checks it against the model diffusers builds for the tiny, 2B and 13B
+    configs."""
+    inner = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    patch = tcfg.get("patch_size", 1) ** 2 * tcfg.get("patch_size_t", 1)
+    cross, cap = tcfg["cross_attention_dim"], tcfg["caption_channels"]
+    bias, out_bias = int(tcfg.get("attention_bias", True)), int(tcfg.get("attention_out_bias", True))
 
-    with torch.device("meta"):
-        model = LTXVideoTransformer3DModel(**{k: v for k, v in tcfg.items() if not k.startswith("_")})
-    return sum(p.numel() for p in model.parameters())
+    def linear(i: int, o: int, with_bias: int = 1) -> int:
+        return i * o + o * with_bias
+
+    top = linear(tcfg["in_channels"] * patch, inner) + 2 * inner  # proj_in, scale_shift_table
+    top += linear(256, inner) + linear(inner, inner) + linear(inner, 6 * inner)  # time_embed (AdaLayerNormSingle)
+    top += linear(cap, inner) + linear(inner, inner)  # caption_projection
+    top += linear(inner, tcfg["out_channels"] * patch)  # proj_out
+    qk_norms = 2 * inner if tcfg.get("qk_norm", "rms_norm_across_heads") else 0
+    attn1 = 3 * linear(inner, inner, bias) + linear(inner, inner, out_bias) + qk_norms
+    attn2 = linear(inner, inner, bias) + 2 * linear(cross, inner, bias) + linear(inner, inner, out_bias) + qk_norms
+    feed_forward = linear(inner, 4 * inner) + linear(4 * inner, inner)
+    return top + tcfg["num_layers"] * (attn1 + attn2 + feed_forward + 6 * inner)
 
 
 def sequence_length(width: int, height: int, frames: int) -> int:
@@ -486,9 +498,21 @@ def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
     return latents * std / vae.config.scaling_factor + mean
 
 
-def encode_video(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """[B, 3, F, H, W] in [-1, 1] -> normalised latents [B, 128, F', H', W'] (what the transformer sees)."""
-    return normalize_latents(vae.encode(pixels).latent_dist.mode(), vae)
+def encode_video(vae, pixels: torch.Tensor, posterior: str = "mode", seeds: list[int] | None = None) -> torch.Tensor:
+    """[B, 3, F, H, W] in [-1, 1] -> normalised latents [B, 128, F', H', W'] (what the transformer sees).
+
+    posterior "mode": the VAE posterior's mean. "sample": one draw from it, as LTX-Video-Trainer and Lightricks'
+    own encoder (ltx_video vae_encode) make latents; each clip's noise comes from its own seed (`seeds`, one per
+    clip) on a CPU generator, so the draw does not depend on the device, the batch or the other clips."""
+    dist = vae.encode(pixels).latent_dist
+    if posterior == "mode":
+        return normalize_latents(dist.mode(), vae)
+    if seeds is None or len(seeds) != pixels.shape[0]:
+        raise ValueError("encode_video: posterior 'sample' needs one seed per clip")
+    shape = dist.mean.shape[1:]
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    z = dist.mean + dist.std * noise.to(device=dist.mean.device, dtype=dist.mean.dtype)
+    return normalize_latents(z, vae)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -499,14 +523,27 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return video.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
 
 
-def encode_captions(tokenizer, encoder, texts: list[str], max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeds [B, max_len, D], mask [B, max_len]) as LTXPipeline.encode_prompt makes them: T5 runs without the
-    mask (padding changes the real tokens' embeddings, so train as inference pads); the mask is kept for the
-    transformer."""
+# How T5 sees a caption in each inference the user may run (see `dataset.preprocessing.caption_encoding`):
+# diffusers' LTX pipelines (and LTX-Video-Trainer) pad to max_sequence_length and run T5 WITHOUT the attention mask,
+# so the pad tokens change the real tokens' features; ComfyUI's LTXV text encoder (comfy/text_encoders/lt.py: pad
+# to at least 128, T5 with attention_mask=True) and Lightricks' ltx_video pipeline (pad to 256, T5 with the mask)
+# run T5 WITH the mask, so the real tokens' features do not depend on the padding. Both keep the mask for the
+# transformer's cross-attention.
+CAPTION_ENCODINGS = ("diffusers", "comfyui")
+
+
+def encode_captions(
+    tokenizer, encoder, texts: list[str], max_len: int, device, encoding: str = "diffusers"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds [B, max_len, D], mask [B, max_len]): padded to max_len (truncated beyond it), T5 without the mask
+    (`diffusers`: exactly LTXPipeline.encode_prompt) or with it (`comfyui`); the mask is kept for the transformer."""
+    if encoding not in CAPTION_ENCODINGS:
+        raise ValueError(f"encode_captions: unknown encoding {encoding!r} (use one of {CAPTION_ENCODINGS})")
     tok = tokenizer(
         texts, padding="max_length", max_length=max_len, truncation=True, add_special_tokens=True, return_tensors="pt"
     )
-    return encoder(tok.input_ids.to(device))[0], tok.attention_mask
+    mask = tok.attention_mask.to(device) if encoding == "comfyui" else None
+    return encoder(tok.input_ids.to(device), attention_mask=mask)[0], tok.attention_mask
 
 
 def caption_token_count(tokenizer, text: str) -> int:
@@ -529,25 +566,47 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
-def forward(transformer, tokens: torch.Tensor, timestep: torch.Tensor, batch: dict, grid: tuple[int, int, int]):
-    """The training forward: `tokens` [B, seq, C] (noisy latents, plus whatever a strategy prepends), `timestep`
-    x1000 per sample [B] or per token [B, seq], text features from the batch, positions from the latent grid
-    (F, H, W) and the clip's frame rate. Returns the predicted velocity [B, seq, C]."""
+def _positions(grid: tuple[int, int, int], fps: torch.Tensor, device) -> torch.Tensor:
+    """[B, 3, F*H*W] token positions in the units diffusers' LTX RoPE takes as `video_coords`: frame index x 8/fps,
+    row and column x 32 - the same values its own grid gives for num_frames/height/width + the fps scale."""
+    f, h, w = grid
+    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in (f, h, w)]
+    ff, hh, ww = (a.flatten() for a in torch.meshgrid(*axes, indexing="ij"))
+    scale = (8.0 / fps).to(device=device, dtype=torch.float32)[:, None]
+    b = scale.shape[0]
+    return torch.stack(
+        [ff[None] * scale, (hh * SPATIAL_COMPRESSION).expand(b, -1), (ww * SPATIAL_COMPRESSION).expand(b, -1)], 1
+    )
+
+
+def forward(
+    transformer,
+    tokens: torch.Tensor,
+    timestep: torch.Tensor,
+    batch: dict,
+    grid: tuple[int, int, int],
+    reference_grid: tuple[int, int, int] | None = None,
+):
+    """The training forward: `tokens` [B, seq, C] (noisy latents, after any prepended reference tokens),
+    `timestep` x1000 per sample [B] or per token [B, seq], text features from the batch, positions from the latent
+    grid (F, H, W) and the clip's frame rate. Prepended reference tokens (IC-LoRA) take the positions of the
+    target's grid, as Lightricks' trainer places them for LTXV 0.9.x. Returns the predicted velocity."""
     dtype = _unwrap(transformer).proj_in.weight.dtype
     b = tokens.shape[0]
     f, h, w = grid
-    fps_scale = (8.0 / batch["fps"]).to(device=tokens.device, dtype=torch.float32).view(b, 1, 1, 1, 1)
-    return transformer(
+    common = dict(
         hidden_states=tokens.to(dtype),
         encoder_hidden_states=batch["prompt_embeds"].to(dtype),
         timestep=timestep,
         encoder_attention_mask=batch["prompt_attention_mask"],
-        num_frames=f,
-        height=h,
-        width=w,
-        rope_interpolation_scale=(fps_scale, SPATIAL_COMPRESSION, SPATIAL_COMPRESSION),
         return_dict=False,
-    )[0]
+    )
+    if reference_grid is not None:
+        coords = _positions(grid, batch["fps"], tokens.device)
+        return transformer(**common, video_coords=torch.cat([coords, coords], dim=2))[0]
+    fps_scale = (8.0 / batch["fps"]).to(device=tokens.device, dtype=torch.float32).view(b, 1, 1, 1, 1)
+    rope_scale = (fps_scale, SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
+    return transformer(**common, num_frames=f, height=h, width=w, rope_interpolation_scale=rope_scale)[0]
 
 
 def scheduler_shift(seq_len: int) -> float:
@@ -559,15 +618,75 @@ def scheduler_shift(seq_len: int) -> float:
     return calculate_shift(seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
 
 
-def validation_pipeline(model_cfg, transformer, vae, tokenizer, text_encoder, image_to_video: bool):
-    """diffusers' LTX pipeline around the transformer being trained."""
-    from diffusers import LTXImageToVideoPipeline, LTXPipeline
+# --------------------------------------------------------------------------------------------------
+# Inference as Lightricks recommends it per kind of checkpoint (validation renders with these)
+
+# The distilled 0.9.7/0.9.8 checkpoints' fixed noise levels (LTX-Video configs/ltxv-*-0.9.8-distilled.yaml,
+# first_pass.timesteps), sampled without guidance.
+DISTILLED_SIGMAS = (1.0, 0.9937, 0.9875, 0.9812, 0.975, 0.9094, 0.725)
+# Every LTX-Video 0.9.x config decodes with decode_timestep 0.05 and decode_noise_scale 0.025 (VAEs without timestep
+# conditioning, 0.9.0, ignore both).
+_DECODE = {"decode_timestep": 0.05, "decode_noise_scale": 0.025}
+INFERENCE = {
+    # dev: Lightricks' 2B configs use guidance 3 (13B: 1-8 over the steps, with STG, which diffusers' pipelines lack)
+    # and 30-40 steps; 20 (ComfyUI's LTXVScheduler default) keeps validation fast. "shifted" = the resolution-shifted
+    # schedule ending at 0.1 that diffusers' LTXPipeline and ComfyUI's LTXVScheduler (default settings) both produce.
+    "dev": {"schedule": "shifted", "inference_steps": 20, "guidance_scale": 3.0, **_DECODE},
+    "distilled": {"schedule": list(DISTILLED_SIGMAS), "inference_steps": 7, "guidance_scale": 1.0, **_DECODE},
+    # 2B 0.9.6 distilled: 8 steps, guidance 1 (its sampler comes from the checkpoint; the shifted one is used here)
+    "distilled_096": {"schedule": "shifted", "inference_steps": 8, "guidance_scale": 1.0, **_DECODE},
+}
+# Not per version: the frame rate ComfyUI's LTXVConditioning and diffusers' LTX pipelines default to, and the noise
+# Lightricks' inference and diffusers add to an image condition.
+INFERENCE_COMMON = {"frame_rate": 25.0, "image_cond_noise_scale": 0.15}
+
+
+def inference_kind(model_cfg) -> str:
+    """dev, distilled or distilled_096: from versions.json for a named version; for a local file or folder from
+    its name (`distilled` in it), else dev."""
+    src = model_cfg.source
+    if src.kind == "named":
+        return _versions()[src.version].get("inference", "dev")
+    name = src.path.name.lower() if src.path is not None else ""
+    if "distilled" not in name:
+        return "dev"
+    return "distilled_096" if "0.9.6" in name else "distilled"
+
+
+def inference_settings(model_cfg) -> dict:
+    """Lightricks' recommended inference settings for this model: kind, schedule ("shifted" or a list of noise
+    levels), inference_steps, guidance_scale, decode_timestep, decode_noise_scale, frame_rate,
+    image_cond_noise_scale."""
+    kind = inference_kind(model_cfg)
+    return {"kind": kind, **INFERENCE[kind], **INFERENCE_COMMON}
+
+
+def validation_sigmas(model_cfg, schedule, steps: int, seq_len: int) -> list[float]:
+    """The noise levels to sample at (1.0 first, the final 0 implied): a given list as is, or "shifted" - the
+    scheduler's resolution-dependent shift of `steps` evenly spaced levels, stretched to end at its terminal (what
+    LTXPipeline computes for `seq_len` latent tokens)."""
+    if schedule != "shifted":
+        return [float(s) for s in schedule]
+    import numpy as np
+    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
+    scheduler = load_scheduler(model_cfg)
+    c = scheduler.config
+    mu = calculate_shift(seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
+    return scheduler.sigmas[:-1].tolist()
+
+
+def validation_pipeline(model_cfg, transformer, vae, tokenizer, text_encoder):
+    """diffusers' LTXConditionPipeline around the transformer being trained: text-to-video without conditions,
+    image-to-video with an image at frame 0. Its scheduler applies no shift of its own: the pipeline is given the
+    exact noise levels (`validation_sigmas` x 1000) as timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXConditionPipeline
     from diffusers.video_processor import VideoProcessor
 
-    pipe_cls = LTXImageToVideoPipeline if image_to_video else LTXPipeline
-    pipe = pipe_cls(
-        scheduler=load_scheduler(model_cfg), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        transformer=transformer,
+    pipe = LTXConditionPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
     )  # fmt: skip
     # Every LTXV VAE compresses 32x in space and 8x in time. diffusers derives the ratios from the VAE config
     # (patch_size x 2^scaling stages), which over-counts for the 0.9.5-style blocks of small test VAEs.

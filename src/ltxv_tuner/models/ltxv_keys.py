@@ -6,6 +6,8 @@ these words is left alone. Used by model loading (single files), LoRA/full expor
 
 from __future__ import annotations
 
+import json
+
 # diffusers segment -> original/ComfyUI segment. Everything else (attn1.to_q, ff.net.0.proj,
 # scale_shift_table, caption_projection, proj_out, ...) is named the same in both.
 DIFFUSERS_TO_ORIGINAL = {
@@ -37,3 +39,26 @@ def diffusers_to_original(name: str) -> str:
 
 def original_to_diffusers(name: str) -> str:
     return _rename_segments(name, ORIGINAL_TO_DIFFUSERS)
+
+
+# Lightricks single files carry a JSON `config` in their safetensors metadata; its "transformer" section uses these
+# field names with the same meaning as diffusers' config. ComfyUI's checkpoint loader sizes an LTXV model from it
+# (comfy/model_detection.py: without it, heads are assumed to be 32 of width/32).
+LIGHTRICKS_TRANSFORMER_FIELDS = (
+    "in_channels",
+    "out_channels",
+    "num_attention_heads",
+    "attention_head_dim",
+    "cross_attention_dim",
+    "num_layers",
+    "caption_channels",
+)
+LIGHTRICKS_CONFIG_KEY = "config"
+
+
+def lightricks_config(diffusers_config: dict) -> str:
+    """The Lightricks-style `config` metadata (JSON, a "transformer" section) of a transformer whose diffusers
+    config is given."""
+    section = {"_class_name": "Transformer3DModel"}
+    section |= {k: diffusers_config[k] for k in LIGHTRICKS_TRANSFORMER_FIELDS if k in diffusers_config}
+    return json.dumps({"transformer": section}, sort_keys=True)

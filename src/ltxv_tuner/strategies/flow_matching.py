@@ -7,9 +7,22 @@ scheduler shift): longer clips see more high-noise steps, where the overall stru
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 SIGMA_STD = 1.0
+
+
+@dataclass
+class StepInputs:
+    """What a strategy hands the transformer and the loss for one batch."""
+
+    tokens: torch.Tensor  # [B, prepended + seq, C]: the transformer input
+    timestep: torch.Tensor  # x1000, [B] or per token [B, prepended + seq]
+    target: torch.Tensor  # [B, seq, C]: the velocity of the noised tokens
+    loss_mask: torch.Tensor | None  # [B, seq] True where a token counts in the loss; None = all count
+    prepended: int = 0  # clean tokens before the noised ones (IC-LoRA reference), never in the loss
 
 
 def sample_sigmas(batch_size: int, mean: float, generator: torch.Generator, std: float = SIGMA_STD) -> torch.Tensor:

@@ -3,13 +3,17 @@
 Every token is noised to the sample's noise level, except, with probability
 `training.first_frame_conditioning_p`, the first latent frame: kept clean (timestep 0) and left out of the
 loss, which teaches image-to-video conditioning (as LTX-Video-Trainer does). Nothing is prepended.
+
+A clip of one latent frame (an image, bucket frames = 1) is never conditioned: its only frame would be both
+given and excluded from the loss, leaving nothing to learn (LTX-Video-Trainer skips it the same way). This is
+decided per batch (batches never mix buckets), so video buckets of the same run keep their conditioning.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .flow_matching import noisy, sample_sigmas, velocity
+from .flow_matching import StepInputs, noisy, sample_sigmas, velocity
 
 
 def first_frame_mask(
@@ -22,24 +26,26 @@ def first_frame_mask(
     return chosen[:, None] & (positions < tokens_per_frame)[None, :]
 
 
-def prepare(x0: torch.Tensor, tokens_per_frame: int, shift: float, generator: torch.Generator, training_cfg):
-    """(tokens, timestep, target, loss_mask) for one batch of packed clean latents x0 [B, seq, C].
-    The draws happen in a fixed order (noise levels, noise, conditioning choice): resume relies on it."""
+def prepare(
+    x0: torch.Tensor, tokens_per_frame: int, shift: float, generator: torch.Generator, training_cfg, reference=None
+) -> StepInputs:
+    """Noised tokens, timesteps, target and loss mask for one batch of packed clean latents x0 [B, seq, C]
+    (`reference` is not used by this strategy). The draws happen in a fixed order (noise levels, noise,
+    conditioning choice): resume relies on it."""
     b, seq_len, _ = x0.shape
     sigmas = sample_sigmas(b, shift if training_cfg.timestep_shift else 0.0, generator)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype)
     p = training_cfg.first_frame_conditioning_p
-    cond = first_frame_mask(b, tokens_per_frame, seq_len, p, generator) if p > 0 else None
+    video = seq_len > tokens_per_frame  # one latent frame (an image): never conditioned
+    cond = first_frame_mask(b, tokens_per_frame, seq_len, p, generator) if p > 0 and video else None
     if cond is None:
         timestep = sigmas * 1000.0  # [B]: one noise level per sample
-        s = sigmas[:, None, None]
-    else:
-        per_token = sigmas[:, None].expand(b, seq_len).masked_fill(cond, 0.0)  # clean first frame
-        timestep = per_token * 1000.0  # [B, seq]
-        s = per_token[..., None]
-    return noisy(x0, noise, s), timestep, velocity(x0, noise), None if cond is None else ~cond
+        return StepInputs(noisy(x0, noise, sigmas[:, None, None]), timestep, velocity(x0, noise), None)
+    per_token = sigmas[:, None].expand(b, seq_len).masked_fill(cond, 0.0)  # clean first frame
+    timestep = per_token * 1000.0  # [B, seq]
+    return StepInputs(noisy(x0, noise, per_token[..., None]), timestep, velocity(x0, noise), ~cond)
 
 
-def prediction_for_loss(pred: torch.Tensor) -> torch.Tensor:
-    """The part of the transformer's output the loss sees: all of it (no prepended tokens)."""
-    return pred
+def prediction_for_loss(pred: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """The part of the transformer's output the loss sees: the noised tokens (after any prepended ones)."""
+    return pred[:, inputs.prepended :] if inputs.prepended else pred
