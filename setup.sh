@@ -5,12 +5,15 @@
 #   CUDA build:  TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ./setup.sh
 #   system torch: USE_SYSTEM_SITE_PACKAGES=1 ./setup.sh   (venv sees the torch of your system python)
 #   optional features (int8 base weights, TensorBoard): ./setup.sh --extras
+#   other python for venv/: PYTHON=python3.12 ./setup.sh
 set -euo pipefail
+usage="usage: ./setup.sh [--extras]   (env: TORCH_VERSION, TORCH_INDEX_URL, USE_SYSTEM_SITE_PACKAGES=1, PYTHON)"
 extras=0
 for arg in "$@"; do
     case "$arg" in
         --extras) extras=1 ;;
-        *) echo "setup: unknown option $arg (known: --extras)"; exit 2 ;;
+        -h|--help) echo "$usage"; exit 0 ;;
+        *) echo "setup: unknown option $arg" >&2; echo "$usage" >&2; exit 2 ;;
     esac
 done
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -50,4 +53,9 @@ if [ "$extras" = "1" ]; then
     "$PY" -m pip install -r requirements-extras.txt -c "$constraints"
 fi
 "$PY" -m pip install --no-deps -e .
+# A CPU-only torch trains the quickstart but no real model: say which one this is.
+"$PY" -c "import torch; gpu = torch.cuda.is_available(); print(f'setup: torch {torch.__version__}: ' + (
+    f'GPU {torch.cuda.get_device_name(0)}' if gpu else 'no GPU (CPU only; fine for the quickstart). For GPU '
+    'training: uninstall this torch (python -m pip uninstall -y torch), then TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 '
+    './setup.sh (pick your CUDA version)'))"
 echo "setup: done. Next: ./train.sh configs/quickstart.yaml"

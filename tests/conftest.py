@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +19,20 @@ EXAMPLES = REPO / "examples" / "quickstart_data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_ltxv_logging():
+    """Each test starts with the package logger as a fresh process has it (entry points called in-process add
+    console and run-log handlers)."""
+    yield
+    from ltxv_tuner.logs import log
+
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
 
 
 @pytest.fixture

@@ -228,7 +228,9 @@ def test_a_local_model_file_that_is_not_ltxv_fails_before_any_download(quickstar
     assert "== stage 1/3" not in r.stdout  # refused before preprocessing
 
 
-def test_settings_that_cannot_take_effect_are_warned_about(quickstart_config: Path, tmp_path: Path):
+def test_warnings_and_the_run_log_tell_the_whole_story(quickstart_config: Path, quickstart_dir: Path, tmp_path: Path):
+    (quickstart_dir / "broken.mp4").write_bytes(b"not a video")
+    (quickstart_dir / "broken.txt").write_text("a caption")
     r = run_cli(
         str(quickstart_config),
         "training.steps=1",
@@ -239,9 +241,37 @@ def test_settings_that_cannot_take_effect_are_warned_about(quickstart_config: Pa
     )
     assert r.returncode == 0, r.stderr
     out = r.stdout + r.stderr
-    assert "validation.interval 10 > training.steps 1" in out
+    assert "warning: validation.interval 10 > training.steps 1" in out
     # the bundled data has 2 clips per bucket: batches of 3 cannot be filled
-    assert "has 2 clip(s), not a multiple of training.batch_size 3" in out
+    assert "warning: bucket 128x96x17 has 2 clip(s), not a multiple of training.batch_size 3" in out
+    assert "\r" not in out  # output to a pipe: no progress-bar fragments
+    (run,) = _runs(tmp_path / "outputs")
+    log = (run / "logs" / "train.log").read_text()
+    # Logged before the run folder existed, yet in its log: the preflight and the preprocessing report with skips.
+    for line in ("INFO preflight: bucket 128x96x17: 36 tokens", "INFO preprocess: 4 clip(s) ready",
+                 "bucket 128x96x17: 2 clip(s): red_ball.mp4, stripes.mkv", "skipped 1:", "broken.mp4: not a readable",
+                 "WARNING validation.interval 10 > training.steps 1", "INFO training done: step 1",
+                 f"INFO convert: {run}: 1 ComfyUI twin(s) written", "== done =="):  # fmt: skip
+        assert line in log, line
+    assert "WARNING warning" not in log
+    assert not (run / "validation").exists()  # no video was due: no empty folder
+
+
+def test_an_unexpected_error_is_reported_in_the_run_folder(
+    quickstart_config: Path, tmp_path: Path, monkeypatch, capsys
+):
+    from ltxv_tuner import cli, pipeline
+
+    def broken_stage(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "stage_train", broken_stage)
+    assert cli.main([str(quickstart_config)]) == 1
+    err = capsys.readouterr().err
+    (run,) = _runs(tmp_path / "outputs")
+    (crash,) = (run / "logs").glob("crash_*.txt")
+    assert "RuntimeError: boom" in crash.read_text() and str(crash) in err
+    assert "ERROR error: unexpected RuntimeError: boom" in (run / "logs" / "train.log").read_text()
 
 
 def test_only_convert_picks_the_newest_run_with_a_checkpoint(quickstart_config: Path, tmp_path: Path):

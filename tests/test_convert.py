@@ -118,7 +118,7 @@ def _make_run(tmp_path, lora_src):
 def test_convert_run_skips_state_and_existing_twins(lora_file, tmp_path):
     run, lora, state_file = _make_run(tmp_path, lora_file[0])
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run / "checkpoints").rglob("*") if p.is_file()}
-    written = convert.convert_run(run)
+    written = convert.convert_run(run).written
     twin = lora.with_name(lora.stem + "_comfy.safetensors")
     assert written == [twin] and twin.is_file()
     assert not list((run / "checkpoints").rglob("state/*_comfy.safetensors"))
@@ -126,9 +126,29 @@ def test_convert_run_skips_state_and_existing_twins(lora_file, tmp_path):
     for p, (mtime, data) in before.items():  # sources and state untouched
         assert p.stat().st_mtime_ns == mtime and p.read_bytes() == data
     mtime = twin.stat().st_mtime_ns
-    assert convert.convert_run(run) == []  # second run writes nothing
+    again = convert.convert_run(run)
+    assert again.written == [] and again.current == [twin]  # second run writes nothing
     assert twin.stat().st_mtime_ns == mtime
     assert not list((run / "checkpoints").rglob("*_comfy_comfy*"))
+
+
+def test_a_users_diffusers_conversion_in_a_run_is_never_a_source(lora_file, tmp_path, capsys):
+    """`convert --to-diffusers` of a twin writes <name>_diffusers.safetensors beside it; converting the run again
+    must not take that file as a source (its twin name would be the real twin, which it would overwrite)."""
+    run, lora, _ = _make_run(tmp_path, lora_file[0])
+    (twin,) = convert.convert_run(run).written
+    back = convert.convert_file(twin, to="diffusers")
+    assert back == lora.with_name(lora.stem + "_diffusers.safetensors")
+    twin_bytes = twin.read_bytes()
+    os.utime(back, (twin.stat().st_mtime + 10, twin.stat().st_mtime + 10))  # newer than the twin, as it would be
+    result = convert.convert_run(run)
+    assert result.written == [] and result.current == [twin] and result.converted_back == [back]
+    assert twin.read_bytes() == twin_bytes
+    assert not lora.with_name(lora.stem + "_diffusers_comfy.safetensors").exists()
+    assert convert.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"convert: {run}: 0 ComfyUI twin(s) written, 1 already up to date" in out
+    assert "1 *_diffusers file(s) left alone" in out
 
 
 def test_convert_run_rewrites_a_twin_older_than_its_source(lora_file, tmp_path):
@@ -136,7 +156,7 @@ def test_convert_run_rewrites_a_twin_older_than_its_source(lora_file, tmp_path):
     twin = lora.with_name(lora.stem + "_comfy.safetensors")
     twin.write_bytes(b"stale")
     os.utime(twin, (1, 1))
-    assert convert.convert_run(run) == [twin]
+    assert convert.convert_run(run).written == [twin]
     assert read(twin)[0]  # a real safetensors file again
 
 
@@ -413,7 +433,7 @@ def test_convert_run_carries_base_metadata_for_full_checkpoints(tmp_path, monkey
         return {"config": '{"x": 1}'}
 
     monkeypatch.setattr(models, "base_checkpoint_metadata", fake_base_metadata)
-    (twin,) = convert.convert_run(run)
+    (twin,) = convert.convert_run(run).written
     assert seen == ["tiny"] and read(twin)[1]["config"] == '{"x": 1}'
     assert twin == src.with_name(src.stem + "_comfy.safetensors")
 
@@ -430,7 +450,8 @@ def test_comfy_files_are_recognised_and_not_converted_again(lora_file, tmp_path,
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "imported_lora.safetensors").write_bytes(twin.read_bytes())
-    assert convert.convert_run(run) == []
+    result = convert.convert_run(run)
+    assert result.written == [] and result.comfy_sources == [run / "checkpoints" / "imported_lora.safetensors"]
 
 
 @pytest.mark.parametrize(

@@ -20,13 +20,19 @@ def test_launch_command_for_two_cpu_processes(tmp_path):
     assert "ltxv_tuner.launch" in cmd
 
 
-def test_two_process_cpu_run_end_to_end_then_resume(tmp_path):
+def test_two_process_cpu_run_end_to_end_then_resume(tmp_path, capfd):
     manifest = make_cache(tmp_path / "data", clips_per_bucket=4)
     cfg = make_config(
         tmp_path, training={"distributed": True, "num_processes": 2, "steps": 4}, checkpoints={"interval": 2}
     )
     run = tmp_path / "run"
     result = launch.train(cfg, run, manifest)
+
+    # The terminal (both processes write to it) tells the story once: rank 0 prints, rank 1 does not.
+    terminal = "".join(capfd.readouterr())
+    for line in ("training lora: 4 clips", "step 4 loss", f"checkpoint {run / 'checkpoints' / 'step_000004'}",
+                 "training done: step 4"):  # fmt: skip
+        assert terminal.count(line) == 1, (line, terminal)
 
     assert result.final_step == 4
     assert [p.parent.name for p in result.checkpoints] == ["step_000002", "step_000004"]

@@ -151,6 +151,14 @@ def test_ic_lora_needs_a_reference_folder_and_one_reference_video_per_prompt(tmp
         )
     with pytest.raises(ConfigError, match="dataset.reference_folder: only used by training.strategy: ic_lora"):
         validate_config({"dataset": {"data_folder": "d", "reference_folder": "r"}})
+    with pytest.raises(ConfigError, match="validation.images: not used with training.strategy: ic_lora"):
+        validate_config(  # not even all null (text-only): IC-LoRA prompts take reference videos
+            {
+                "dataset": {"data_folder": "d", "reference_folder": "r"},
+                "training": {"strategy": "ic_lora"},
+                "validation": {"prompts": ["a", "b"], "reference_videos": ["r.mp4", "s.mp4"], "images": [None, None]},
+            }
+        )
 
 
 @pytest.fixture
@@ -184,6 +192,9 @@ def test_references_are_cached_with_their_clip_and_edits_re_encode_only_that_ref
 
 
 def test_missing_orphan_and_short_references_are_reported_by_name(paired, capsys):
+    from ltxv_tuner.logs import setup_console_logging
+
+    setup_console_logging(keep_backlog=False)  # the report goes through the package's console, as in a run
     data, refs = paired
     make_clip(data / "c.mp4", 160, 120, 20, seed=3, caption="clip c")  # no reference
     make_clip(refs / "zzz.mp4", 128, 96, 17, seed=4, caption=None)  # no clip

@@ -45,6 +45,29 @@ def test_report_prints_one_line_per_bucket():
     assert report(_cfg(), None)[1].endswith("512x512x49: 1792 tokens")
 
 
+def test_no_gpu_is_said_before_any_work_with_what_it_means(monkeypatch):
+    import torch
+
+    from ltxv_tuner.preflight import report_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tiny = validate_config(
+        {"dataset": {"data_folder": "x"}, "model": {"model_source": "tiny"}, "training": {"mixed_precision_mode": "no"}}
+    )
+    (line,) = report_device(tiny)
+    assert line.startswith("preflight: no GPU: training on the CPU") and "fine for the tiny test model" in line
+
+    real = validate_config(
+        {"dataset": {"data_folder": "x"}, "training": {"distributed": True, "mixed_precision_mode": "bf16"}}
+    )
+    lines = report_device(real)
+    assert "a real LTXV model takes minutes to hours per step" in lines[0] and "docs/TRAINING.md#setup" in lines[0]
+    assert any("bf16 on a CPU" in line for line in lines)
+    assert any("training.num_processes null: one CPU process" in line for line in lines)
+    two = validate_config({"dataset": {"data_folder": "x"}, "training": {"distributed": True, "num_processes": 2}})
+    assert not any("one CPU process" in line for line in report_device(two))
+
+
 @pytest.mark.parametrize("version", ["tiny", "LTXV_13B_097_DEV", "LTXV_2B_0.9.5", "LTXV_2B_0.9.1"])
 def test_parameter_count_by_arithmetic_equals_the_model_diffusers_builds(version):
     import torch

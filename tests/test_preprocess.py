@@ -21,11 +21,18 @@ from videogen import make_clip, make_dataset
 from ltxv_tuner.cache import Manifest, cache_root, condition_path, latent_path, load_tensors, read_header
 from ltxv_tuner.config import validate_config
 from ltxv_tuner.errors import UserError
+from ltxv_tuner.logs import setup_console_logging
 from ltxv_tuner.models import ltxv as models
 from ltxv_tuner.preprocess import find_manifest, run_preprocess
 from ltxv_tuner.video import probe_video
 
 BUCKETS = [[128, 96, 17], [96, 128, 17]]
+
+
+@pytest.fixture(autouse=True)
+def console():
+    """The report goes to the terminal through the package's console handler, as in a real run."""
+    setup_console_logging(keep_backlog=False)
 
 
 def make_cfg(folder: Path, buckets=None, **dataset) -> object:
@@ -453,15 +460,42 @@ def test_center_sampling_and_decoded_previews(tmp_path: Path):
     center = Manifest.read(run_preprocess(cfg))
     assert start.clips[0].latent_key != center.clips[0].latent_key  # other frames, other latent
     assert start.clips[0].condition_key == center.clips[0].condition_key
-    preview = cache_root(d) / "decoded" / f"{center.clips[0].latent_key}.mp4"
+    preview = cache_root(d) / "decoded" / "long_128x96x17.mp4"
     info = probe_video(preview)
     assert (info.width, info.height, info.num_frames) == (128, 96, 17)
+
+
+def test_previews_are_named_after_clip_and_bucket_and_follow_bucket_changes(tmp_path: Path, capsys):
+    d = tmp_path / "data"
+    make_clip(d / "land.mp4", 160, 120, 20, seed=1)
+    make_clip(d / "sub" / "port.mov", 96, 144, 19, seed=2)
+    decoded = cache_root(d) / "decoded"
+    run_preprocess(make_cfg(d, preprocessing={"decode_videos": True}))
+    assert sorted(p.name for p in decoded.iterdir()) == ["land_128x96x17.mp4", "sub__port_96x128x17.mp4"]
+    out = capsys.readouterr().out
+    assert "bucket 128x96x17: 1 clip(s): land.mp4" in out and "bucket 96x128x17: 1 clip(s): sub/port.mov" in out
+    assert "decoded 2 preview video(s)" in out
+
+    # Other buckets: the landscape clip moves to 160x128x9, the old previews go instead of piling up.
+    buckets = [[160, 128, 9], [96, 128, 17]]
+    run_preprocess(make_cfg(d, buckets=buckets, preprocessing={"decode_videos": True}))
+    assert sorted(p.name for p in decoded.iterdir()) == ["land_160x128x9.mp4", "sub__port_96x128x17.mp4"]
+    out = capsys.readouterr().out
+    assert "decoded 1 preview video(s)" in out and "removed 1 old one(s)" in out
+    assert probe_video(decoded / "land_160x128x9.mp4").num_frames == 9
+
+    # Back to the first buckets: the cache is reused, but the preview of the moved clip is decoded again.
+    run_preprocess(make_cfg(d, preprocessing={"decode_videos": True}))
+    assert sorted(p.name for p in decoded.iterdir()) == ["land_128x96x17.mp4", "sub__port_96x128x17.mp4"]
+    assert "bucket 128x96x17: 1 clip(s): land.mp4" in capsys.readouterr().out
 
 
 KILL_SCRIPT = """
 import sys
 from ltxv_tuner.config import validate_config
+from ltxv_tuner.logs import setup_console_logging
 from ltxv_tuner.preprocess import run_preprocess
+setup_console_logging(keep_backlog=False)  # the report goes through the package's console, as in train.py
 cfg = validate_config({"dataset": {"data_folder": sys.argv[1], "resolution_buckets": [[128, 96, 17]],
                                    "preprocessing": {"max_text_length": 32}}, "model": {"model_source": "tiny"}})
 run_preprocess(cfg)

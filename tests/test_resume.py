@@ -200,3 +200,30 @@ def test_quant_int8_two_plus_two_steps_equal_four_straight(tmp_path, manifest):
     _assert_same_weights(a, trainable_from_checkpoint(resumed / "checkpoints" / "step_000004"))
     assert all(".lora_" in k for k in a)  # no base weights in the state
     assert [r["loss"] for r in _metrics(straight)] == [r["loss"] for r in _metrics(resumed)]
+
+
+def test_resume_that_stretches_the_lr_schedule_says_so(tmp_path, manifest):
+    """3 -> 5 steps on a linear schedule: the LR, 0 at the end of the old schedule, jumps back up. The log says
+    so, with the number metrics.jsonl then shows; a resume that keeps the schedule says nothing about it."""
+
+    def cfg(steps, **training):
+        return make_config(
+            tmp_path, buckets=BUCKETS, training={"steps": steps, "scheduler_type": "linear", **training},
+            checkpoints={"interval": 3},
+        )  # fmt: skip
+
+    run = tmp_path / "run"
+    training.train(cfg(3), run, manifest)
+    training.train(cfg(5), run, manifest, resume_from=run)
+    log = (run / "logs" / "train.log").read_text()
+    lr4 = next(r["lr"] for r in _metrics(run) if r["step"] == 4)
+    assert lr4 > 0
+    assert (
+        f"note: training.steps 3 -> 5 since the checkpoint: the LR schedule now spans 5 steps, so the LR jumps from "
+        f"0.000e+00 at step 3 to {lr4:.3e} at step 4" in log
+    )
+
+    training.train(cfg(5, learning_rate=5e-3), run, manifest, resume_from=run)  # same schedule, other peak LR
+    new = (run / "logs" / "train.log").read_text()[len(log) :]
+    assert "note: training.learning_rate 0.001 -> 0.005 is not applied on a resume" in new
+    assert "LR schedule now spans" not in new

@@ -578,3 +578,10 @@ def _tracker_setup(tmp_path, report_to):
     run_dir = tmp_path / "outputs" / "run_20260101_000000"
     run_dir.mkdir(parents=True)
     return cfg, run_dir, manifest
+
+
+def test_bf16_autocast_on_the_cpu_prints_no_raw_torch_warning(tmp_path, manifest, recwarn):
+    """torch warns that a norm cannot use its fused CPU kernel under bf16 autocast: not actionable, reads as failure."""
+    cfg = make_config(tmp_path, training={"steps": 1, "mixed_precision_mode": "bf16"}, checkpoints={"interval": None})
+    training.train(cfg, tmp_path / "run", manifest)
+    assert not [w for w in recwarn if "Mismatch dtype" in str(w.message)]

@@ -156,3 +156,38 @@ def test_write_mp4_round_trip_on_smooth_content(tmp_path):
     decoded = np.stack(_decode(validation.write_mp4(frames, tmp_path / "v.mp4")))
     assert decoded.shape == (9, 32, 64, 3)
     assert np.abs(decoded.astype(np.float32) / 255 - frames).mean() < 4 / 255
+
+
+def test_mixed_image_and_text_only_prompts(tmp_path):
+    """`images: [first.png, null]`: the first prompt is image-to-video, the second text-to-video, in one run; each
+    video is the one an all-image or all-text run makes for that prompt (same seed per prompt index)."""
+    image = tmp_path / "first.png"
+    Image.fromarray(np.full((64, 64, 3), 230, dtype=np.uint8)).save(image)
+
+    def videos(images, name):
+        cfg = make_config(
+            tmp_path,
+            validation={"interval": 1, "prompts": ["a ball", "a wave"], "images": images, "video_dims": [64, 64, 9],
+                        "inference_steps": 2},
+        )  # fmt: skip
+        torch.manual_seed(0)
+        paths = validation.run_validation(cfg, training.prepare_transformer(cfg), tmp_path / name, step=1)
+        videos.sidecars = [_sidecar(p) for p in paths]
+        return [p.name for p in paths], [np.stack(_decode(p)) for p in paths]
+
+    names, (mixed_i2v, mixed_t2v) = videos([str(image), None], "mixed")
+    assert names == ["00_00_a_ball.mp4", "01_00_a_wave.mp4"]
+    first, second = videos.sidecars
+    assert (first["mode"], first["image"]) == ("image-to-video", str(image))
+    assert (second["mode"], second["image"]) == ("text-to-video", None)
+    _, (i2v, _) = videos([str(image), str(image)], "all_images")
+    _, (t2v_first, t2v) = videos(None, "text_only")
+    assert np.array_equal(mixed_i2v, i2v) and np.array_equal(mixed_t2v, t2v)
+    assert not np.array_equal(mixed_i2v, t2v_first)  # the image did condition the first video
+
+
+def test_images_of_the_wrong_length_say_how_to_mix(tmp_path):
+    from ltxv_tuner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"got 1 \(null for a text-only prompt, e.g. images: \[first.png, null\]\)"):
+        make_config(tmp_path, validation={"prompts": ["a", "b"], "images": ["first.png"]})

@@ -5,7 +5,9 @@
                                    (VAE latents_mean/std and scaling_factor applied), unpacked
     conditions/<key>.safetensors   "prompt_embeds": [L, D], "prompt_attention_mask": [L] (int64)
     manifests/<settings_key>.json  which clip uses which files; written last (see Manifest)
-    decoded/<latent key>.mp4       optional mp4s decoded back from latents (preprocessing.decode_videos)
+    decoded/<clip>_<W>x<H>x<F>.mp4 optional previews decoded back from the latents (preprocessing.decode_videos),
+                                   named after the clip and its bucket; those of the latest run that made them
+    decoded.json                   preview name -> latent key it was decoded from (stale previews are redone)
     sources.json                   per source file: size, mtime, sha256 and probe result, so unchanged
                                    videos are neither hashed nor opened again (shared by all configs)
 
@@ -21,7 +23,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -66,8 +68,18 @@ def condition_path(root: Path, key: str) -> Path:
     return conditions_dir(root) / f"{key}.safetensors"
 
 
-def decoded_path(root: Path, key: str) -> Path:
-    return decoded_dir(root) / f"{key}.mp4"
+def decoded_name(video: str, bucket: list[int]) -> str:
+    """`sub/take3.mkv` in bucket [128, 96, 17] -> `sub__take3_128x96x17.mp4`: which clip, which bucket."""
+    stem = PurePosixPath(video).with_suffix("").as_posix().replace("/", "__")
+    return f"{stem}_{'x'.join(map(str, bucket))}.mp4"
+
+
+def decoded_path(root: Path, video: str, bucket: list[int]) -> Path:
+    return decoded_dir(root) / decoded_name(video, bucket)
+
+
+def decoded_index_path(root: Path) -> Path:
+    return root / "decoded.json"
 
 
 def sources_index_path(root: Path) -> Path:

@@ -31,6 +31,7 @@ VALIDATION_DIR = "validation"
 LOGS_DIR = "logs"
 STATE_DIR = "state"
 COMFY_SUFFIX = "_comfy"  # <weights>_comfy.safetensors: the ComfyUI twin convert writes beside each weight file
+DIFFUSERS_SUFFIX = "_diffusers"  # <name>_diffusers.safetensors: what `convert --to-diffusers` writes from a twin
 TRAINING_STATE_FILE = "training_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -113,14 +114,22 @@ def weight_files(run_dir: Path) -> list[Path]:
 
 def convertible_files(run_dir: Path) -> list[Path]:
     """Every .safetensors file under the run's checkpoints/ that convert may read: never under state/, never a
-    ComfyUI twin, never in a hidden folder (a checkpoint is built in .tmp_step_N/ and renamed when complete)."""
+    ComfyUI twin or a `_diffusers` file converted back from one (its twin name would be the original's twin),
+    never in a hidden folder (a checkpoint is built in .tmp_step_N/ and renamed when complete)."""
+    return [p for p in _checkpoint_files(run_dir) if not p.stem.endswith((COMFY_SUFFIX, DIFFUSERS_SUFFIX))]
+
+
+def converted_back_files(run_dir: Path) -> list[Path]:
+    """`*_diffusers.safetensors` files under checkpoints/: conversions a user made, left alone by convert."""
+    return [p for p in _checkpoint_files(run_dir) if p.stem.endswith(DIFFUSERS_SUFFIX)]
+
+
+def _checkpoint_files(run_dir: Path) -> list[Path]:
     root = checkpoints_root(run_dir)
     files = []
     for path in sorted(root.rglob("*.safetensors")):
         rel = path.relative_to(root)
-        if STATE_DIR in rel.parts[:-1] or any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.stem.endswith(COMFY_SUFFIX) or not path.is_file():
+        if STATE_DIR in rel.parts[:-1] or any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
         files.append(path)
     return files
@@ -285,7 +294,7 @@ def check_output_dir(output_dir: Path) -> None:
 
 
 def new_run_dir(output_dir: Path) -> Path:
-    """A new run_YYYYMMDD_HHMMSS/ folder with its checkpoints/, validation/ and logs/."""
+    """A new run_YYYYMMDD_HHMMSS/ folder with its checkpoints/ and logs/ (validation/ comes with the first video)."""
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
     for i in range(1000):
         path = output_dir / f"{RUN_PREFIX}{stamp}{'' if i == 0 else f'_{i}'}"
@@ -295,7 +304,7 @@ def new_run_dir(output_dir: Path) -> Path:
             continue
         except OSError as e:  # a file in the way, no permission, read-only file system
             raise _output_dir_error(output_dir, e.strerror or type(e).__name__) from None
-        for sub in (CHECKPOINTS_DIR, VALIDATION_DIR, LOGS_DIR):
+        for sub in (CHECKPOINTS_DIR, LOGS_DIR):
             (path / sub).mkdir(exist_ok=True)
         return path
     raise UserError(f"output_dir {output_dir}: could not create a new run folder")

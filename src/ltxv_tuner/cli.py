@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
 import traceback
+from datetime import datetime
 from pathlib import Path
 
+from . import logs
 from .errors import UserError, explain_failure
 
 STAGES = ("preprocess", "train", "convert")
 
-EPILOG = """examples:
+EPILOG = """examples (./train.sh or train.bat run the same with the project's venv/):
   python train.py configs/quickstart.yaml
   python train.py configs/my.yaml training.steps=10 lora.rank=8 validation.interval=null
   python train.py configs/my.yaml 'lora.target_modules=[to_q,to_k,to_v,to_out.0]'
   python train.py configs/my.yaml --only preprocess
   python train.py configs/my.yaml --resume latest
   python train.py configs/my.yaml --only convert --run-dir outputs/run_20260101_120000
+Windows (cmd.exe): quote with double quotes, "lora.target_modules=[to_q,to_k]", and use backslashes in paths.
 """
 
 
@@ -40,10 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _save_traceback() -> Path:
-    fd, path = tempfile.mkstemp(prefix="ltxv_tuner_crash_", suffix=".txt")
-    with os.fdopen(fd, "w") as f:
+    """The traceback of an unexpected error: in the run's logs/ once there is a run, else the system temp folder."""
+    folder = logs.run_log_dir()
+    if folder is not None and folder.is_dir():
+        path = folder / f"crash_{datetime.now().strftime('%Y%m%d_%H%M%S')}.txt"
+        path.write_text(traceback.format_exc(), encoding="utf-8")
+        return path
+    fd, name = tempfile.mkstemp(prefix="ltxv_tuner_crash_", suffix=".txt")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(traceback.format_exc())
-    return Path(path)
+    return Path(name)
+
+
+def _fail(message: str, code: int) -> int:
+    """Print the final message on stderr and append it to the run's train.log (when there is a run)."""
+    print(message, file=sys.stderr)
+    logs.to_run_log(logging.ERROR, message.strip())
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,14 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2)
     except KeyboardInterrupt:
-        print(
-            "\ninterrupted: checkpoints and cache written so far are kept (resume with --resume latest)",
-            file=sys.stderr,
-        )
-        return 130
+        return _fail("\ninterrupted: checkpoints and cache written so far are kept (resume with --resume latest)", 130)
     except BrokenPipeError:  # stdout closed early (`| head`): nothing left to tell
         sys.stdout = None  # Python would report the pipe again when it flushes stdout at exit
         return 1
@@ -75,12 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         answer = explain_failure(e)  # disk full, permission, read-only, out of memory
         if answer is not None:
-            print(f"error: {answer}", file=sys.stderr)
-            return 2
+            return _fail(f"error: {answer}", 2)
         path = _save_traceback()
-        print(
-            f"error: unexpected {type(e).__name__}: {str(e)[:300]}\n"
-            f"(full traceback saved to {path}; rerun with --debug to show it)",
-            file=sys.stderr,
-        )
-        return 1
+        message = f"error: unexpected {type(e).__name__}: {str(e)[:300]}"
+        return _fail(f"{message}\n(full traceback saved to {path}; rerun with --debug to show it)", 1)
+    finally:
+        logs.detach_run_logs()

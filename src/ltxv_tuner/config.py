@@ -283,8 +283,10 @@ class ValidationConfig(_Section):
         "worst quality, inconsistent motion, blurry, jittery, distorted",
         description="Negative prompt for validation videos (used when guidance_scale > 1).",
     )
-    images: list[str] | None = Field(
-        None, description="First-frame images, one per prompt: image-to-video through diffusers' LTXConditionPipeline."
+    images: list[str | None] | None = Field(
+        None,
+        description="First-frame images, one per prompt: image-to-video through diffusers' LTXConditionPipeline; "
+        "null for a prompt that stays text-to-video, e.g. [first.png, null].",
     )
     reference_videos: list[str] | None = Field(
         None, description="IC-LoRA: one reference (control) video per prompt; a side-by-side mp4 is written too."
@@ -410,7 +412,10 @@ class Config(_Section):
         if v.interval is not None and not v.prompts:
             problems.append("validation.prompts: validation is on (interval set) but no prompts are given")
         if v.images is not None and len(v.images) != len(v.prompts):
-            problems.append(f"validation.images: give one image per prompt ({len(v.prompts)}), got {len(v.images)}")
+            problems.append(
+                f"validation.images: give one image per prompt ({len(v.prompts)}), got {len(v.images)} (null for a "
+                "text-only prompt, e.g. images: [first.png, null])"
+            )
         problems += self._strategy_problems()
         data, out = (Path(p).expanduser().resolve() for p in (self.dataset.data_folder, self.output_dir))
         if out == data or data in out.parents:

@@ -17,19 +17,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import export
-from .checkpoints import COMFY_SUFFIX, checkpoints_root, convertible_files
+from .checkpoints import (
+    COMFY_SUFFIX,
+    DIFFUSERS_SUFFIX,
+    checkpoints_root,
+    converted_back_files,
+    convertible_files,
+    twin_path,
+)
 from .errors import UserError
+from .logs import quiet_libraries
 from .models import ltxv_keys as keys
 
-DIFFUSERS_SUFFIX = "_diffusers"
+log = logging.getLogger("ltxv_tuner.convert")
 KOHYA_PREFIX = "lora_unet_"
 
 # Top-level modules of the LTXV transformer, in each naming (used to tell an LTXV file from anything else).
@@ -398,32 +407,53 @@ def _run_base_metadata(run_dir: Path) -> dict[str, str] | None:
     return family(model_cfg).base_checkpoint_metadata(model_cfg)
 
 
-def convert_run(run_dir: str | Path, save_dtype: str | None = None) -> list[Path]:
+@dataclass
+class RunConversion:
+    """What `convert_run` did to a run folder."""
+
+    run_dir: Path
+    written: list[Path] = field(default_factory=list)  # twins written now
+    current: list[Path] = field(default_factory=list)  # twins already up to date, not rewritten
+    comfy_sources: list[Path] = field(default_factory=list)  # files already in ComfyUI form: need no twin
+    converted_back: list[Path] = field(default_factory=list)  # `*_diffusers` files: never a source
+
+    def summary(self) -> str:
+        parts = [f"{len(self.written)} ComfyUI twin(s) written", f"{len(self.current)} already up to date"]
+        if self.comfy_sources:
+            parts.append(f"{len(self.comfy_sources)} file(s) already in ComfyUI form left as they are")
+        if self.converted_back:
+            parts.append(f"{len(self.converted_back)} *{DIFFUSERS_SUFFIX} file(s) left alone (conversions, no source)")
+        return f"convert: {self.run_dir}: {', '.join(parts)}"
+
+
+def convert_run(run_dir: str | Path, save_dtype: str | None = None) -> RunConversion:
     """Write <stem>_comfy.safetensors beside every weight file of run_dir/checkpoints that lacks a fresh twin.
 
-    Returns the twins written by this call ([] when all are up to date). Files under state/ are never read.
+    Files under state/ are never read; `*_diffusers` files (converted back from a twin) are never sources.
     """
-    run_dir = Path(run_dir)
-    checkpoints = checkpoints_root(run_dir)
+    result = RunConversion(Path(run_dir))
+    checkpoints = checkpoints_root(result.run_dir)
     if not checkpoints.is_dir():
         raise UserError(f"{run_dir}: no checkpoints/ folder; pass a run folder (outputs/run_YYYYMMDD_HHMMSS)")
-    sources = convertible_files(run_dir)
+    sources = convertible_files(result.run_dir)
     if not sources:
         raise UserError(f"{checkpoints}: no .safetensors weight files to convert (outside state/)")
-    written: list[Path] = []
+    result.converted_back = converted_back_files(result.run_dir)
     base_meta: dict[str, str] | None = None
     base_meta_read = False
     for src in sources:
-        twin = default_output(src, "comfy")
+        twin = twin_path(src)
         if is_up_to_date(src, twin):
+            result.current.append(twin)
             continue
         tensors_form = _form_of_file(src)
         if tensors_form in COMFY_FORMS:
-            continue  # a file already in ComfyUI form needs no twin
+            result.comfy_sources.append(src)
+            continue
         if tensors_form == FULL_DIFFUSERS and not base_meta_read:
-            base_meta, base_meta_read = _run_base_metadata(run_dir), True
-        written.append(convert_file(src, twin, "comfy", save_dtype=save_dtype, base_metadata=base_meta))
-    return written
+            base_meta, base_meta_read = _run_base_metadata(result.run_dir), True
+        result.written.append(convert_file(src, twin, "comfy", save_dtype=save_dtype, base_metadata=base_meta))
+    return result
 
 
 def _form_of_file(path: Path) -> str:
@@ -457,17 +487,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    quiet_libraries()
     to = args.to or "comfy"
     src = Path(args.file)
     try:
         if src.is_dir():
             if to != "comfy" or args.output:
                 raise UserError(f"{src}: a run folder converts only to ComfyUI form, beside each file (no -o)")
-            written = convert_run(src, save_dtype=args.save_dtype)
-            for path in written:
+            result = convert_run(src, save_dtype=args.save_dtype)
+            for path in result.written:
                 print(path)
-            if not written:
-                print(f"{src}: every checkpoint already has an up-to-date ComfyUI twin; nothing written")
+            print(result.summary())
         else:
             print(convert_file(src, args.output, to, save_dtype=args.save_dtype))
     except AlreadyConverted as e:

@@ -124,6 +124,12 @@ def train_distributed(
     return training.TrainResult.from_json(json.loads(result_file.read_text(encoding="utf-8")))
 
 
+def console_process() -> bool:
+    """The one launched process per machine that prints the run's story on the terminal (local rank 0): the
+    others would repeat every line. On the main machine it is the process that writes the files, too."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of each process started by `accelerate launch` (and usable by hand)."""
     parser = argparse.ArgumentParser(
@@ -137,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     die_with_parent()  # the accelerate launcher; it dies with the top-level process
     logs.quiet_libraries()  # each launched process would repeat diffusers' load-time warnings
+    if console_process():
+        logs.setup_console_logging(keep_backlog=False)
+    else:
+        logs.silence_console()
     try:
         cfg = load_config(args.config)
         resume = Path(args.resume) if args.resume else None

@@ -34,6 +34,7 @@ def run(
     if only == "convert":
         target = ckpts.resolve_convert_target(run_dir, output_dir)
         attach_run_log(target)
+        log.info(f"run folder: {target}")
         stage_convert(target)
         return target
 
@@ -105,9 +106,9 @@ def stage_convert(run_dir: Path) -> list[Path]:
     from .convert import convert_run
 
     log.info("== stage 3/3: convert to ComfyUI ==")
-    written = convert_run(run_dir)
-    log.info(f"convert: {len(written)} ComfyUI file(s) written")
-    return written
+    result = convert_run(run_dir)
+    log.info(result.summary())
+    return result.written
 
 
 def print_summary(run_dir: Path, result, wall: float) -> None:

@@ -65,6 +65,7 @@ def check(cfg: Config, only: str | None = None, resume: str | None = None) -> Re
 
             for i, path in enumerate(cfg.validation.reference_videos):
                 read_reference(path, cfg.validation.video_dims, i)
+    report_device(cfg)
     # The architecture from the config or a local file's header: a wrong file fails before any download or encode.
     report(cfg, models.family(cfg.model).architecture(cfg.model))
     warn_ineffective_settings(cfg)
@@ -172,11 +173,49 @@ def warn_ineffective_settings(cfg: Config) -> None:
     t, v, c = cfg.training, cfg.validation, cfg.checkpoints
     if v.interval is not None and v.interval > t.steps:
         log.warning(
-            f"warning: validation.interval {v.interval} > training.steps {t.steps}: no validation video will be made "
+            f"validation.interval {v.interval} > training.steps {t.steps}: no validation video will be made "
             f"(set validation.interval <= {t.steps})"
         )
     if c.interval is not None and c.interval > t.steps:
         log.info(f"note: checkpoints.interval {c.interval} > training.steps {t.steps}: only the final checkpoint")
+
+
+def report_device(cfg: Config) -> list[str]:
+    """Where training will run, said before any work. Without a GPU that is the CPU: fine for the tiny test model,
+    far too slow for a real one, and a CPU-only torch (the default wheel on Windows) is the usual reason."""
+    t = cfg.training
+    lines = []
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        names = sorted({torch.cuda.get_device_name(i) for i in range(n)})
+        lines.append(f"preflight: {n} GPU(s) visible ({', '.join(names)}), torch {torch.__version__}")
+    else:
+        why = (
+            "a CPU-only build of torch"
+            if torch.version.cuda is None
+            else f"torch is built for CUDA {torch.version.cuda} but sees no GPU (driver? CUDA_VISIBLE_DEVICES?)"
+        )
+        line = f"preflight: no GPU: training on the CPU ({why}, torch {torch.__version__})"
+        if cfg.model.source.kind == "tiny":
+            line += "; fine for the tiny test model"
+        else:
+            line += (
+                "; a real LTXV model takes minutes to hours per step there: install a CUDA build of torch "
+                "(docs/TRAINING.md#setup)"
+            )
+        lines.append(line)
+        if t.mixed_precision_mode == "bf16":
+            lines.append(
+                'preflight: training.mixed_precision_mode bf16 on a CPU is emulated and usually slower than "no"'
+            )
+        if t.distributed and not t.num_processes and not t.accelerate_config:
+            lines.append(
+                "preflight: training.distributed with no GPU and training.num_processes null: one CPU process "
+                "(set training.num_processes: N for N CPU processes)"
+            )
+    for line in lines:
+        log.info(line)
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,20 +239,6 @@ class MemoryEstimate:
 
 
 def _lora_params(tcfg: dict, rank: int, targets: list[str]) -> int:
-    """LoRA parameter count for attention/feed-forward targets of every block (diffusers names)."""
-    inner = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
-    cross = tcfg["cross_attention_dim"]
-    shapes = {  # (in, out) of the Linear layers a LoRA usually targets, per block
-        "to_q": [(inner, inner), (inner, inner)],
-        "to_k": [(inner, inner), (cross, inner)],
-        "to_v": [(inner, inner), (cross, inner)],
-        "to_out.0": [(inner, inner), (inner, inner)],
-        "ff.net.0.proj": [(inner, 4 * inner)],
-        "ff.net.2": [(4 * inner, inner)],
-    }
-    per_block = sum(rank * (i + o) for t in targets for i, o in shapes.get(t, []))
-    return per_block * tcfg["num_layers"]
-
     """LoRA parameter count for attention/feed-forward targets of every block (diffusers names)."""
     inner = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     cross = tcfg["cross_attention_dim"]

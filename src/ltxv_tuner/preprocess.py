@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import locks
 from .cache import (
@@ -33,6 +33,8 @@ from .cache import (
     condition_path,
     conditions_dir,
     decoded_dir,
+    decoded_index_path,
+    decoded_name,
     decoded_path,
     hash_key,
     latent_path,
@@ -58,6 +60,7 @@ from .data import (
     scan_references,
 )
 from .errors import UserError
+from .logs import progress
 from .models import family
 from .video import (
     DEFAULT_FPS,
@@ -72,6 +75,9 @@ from .video import (
 
 # Bump when the way frames are picked or resized changes: every latent key changes with it.
 FRAME_POLICY = "frames-by-order;resize-cover;center-crop;v1"
+BUCKET_NAMES_SHOWN = 8  # clip names listed per bucket in the report (the manifest has them all)
+
+log = logging.getLogger("ltxv_tuner.preprocess")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,6 +278,7 @@ class _Report:
     conditions_reused: int = 0
     repaired: int = 0
     decoded: int = 0
+    previews_removed: int = 0
     pruned: int = 0
 
 
@@ -345,7 +352,7 @@ def _plan(folder: Path, root: Path, settings: dict, report: _Report) -> tuple[li
         report.skipped += refs.orphans
         keep |= {REFERENCE_PREFIX + p.relative_to(ref_folder).as_posix() for p in refs.files}
     items = []
-    for src in tqdm(scan.clips, desc="scan", unit="clip", leave=False, disable=len(scan.clips) < 20):
+    for src in progress(scan.clips, desc="scan", unit="clip", leave=False, disable=len(scan.clips) < 20):
         item = _plan_clip(folder, src, index, settings, refs, report)
         if item is not None:
             items.append(item)
@@ -405,7 +412,7 @@ def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, d
     fam = family(cfg.model)
     tokenizer, encoder = fam.load_text_encoder(cfg.model, dtype=dtype, device=device)
     keys = list(captions)
-    with tqdm(total=len(keys), desc="T5 captions", unit="caption") as bar:
+    with progress(total=len(keys), desc="T5 captions", unit="caption") as bar:
         for i in range(0, len(keys), batch_size):
             batch = keys[i : i + batch_size]
             texts = [captions[k] for k in batch]
@@ -499,7 +506,7 @@ def _encode_latents(
             report.latents_encoded += 1
 
     batch: list = []
-    with tqdm(total=len(ordered), desc="VAE latents", unit="clip") as bar:
+    with progress(total=len(ordered), desc="VAE latents", unit="clip") as bar:
         for item, result in _in_order(ordered, decode, decode_workers(pp.num_workers)):
             if isinstance(result, VideoError):
                 on_bad(item, str(result))
@@ -519,24 +526,52 @@ def _encode_latents(
     return fps_by_key
 
 
+def _read_decoded_index(root: Path) -> dict[str, str]:
+    try:
+        index = json.loads(decoded_index_path(root).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # absent or damaged: every preview is decoded again
+    return index if isinstance(index, dict) else {}
+
+
+def _previews_current(root: Path, clips: list[CachedClip]) -> bool:
+    index = _read_decoded_index(root)
+    return all(
+        index.get(decoded_name(c.video, c.bucket)) == c.latent_key and decoded_path(root, c.video, c.bucket).is_file()
+        for c in clips
+    )
+
+
 @torch.inference_mode()
 def _decode_previews(cfg, root: Path, clips: list[CachedClip], device: str, dtype: torch.dtype, report: _Report):
-    todo = {c.latent_key: c for c in clips if not decoded_path(root, c.latent_key).is_file()}
-    if not todo:
-        return
-    fam = family(cfg.model)
-    vae = fam.load_vae(cfg.model, dtype=dtype, device=device)
-    if cfg.dataset.preprocessing.vae_tiling:
-        vae.enable_tiling()
-    for key, clip in tqdm(todo.items(), desc="decode previews", unit="clip"):
-        frames = fam.decode_latents(vae, load_tensors(latent_path(root, key))["latents"][None].to(device, dtype))
-        out = decoded_path(root, key)
-        tmp = out.with_name(f".{out.stem}.part.mp4")  # written aside and renamed: no half mp4 under the final name
-        write_video(tmp, frames, clip.fps)
-        tmp.replace(out)
-        report.decoded += 1
-    del vae
-    _release_memory()
+    """One mp4 per clip, `<clip>_<W>x<H>x<F>.mp4`, decoded back from its cached latents. decoded/ shows the clips
+    as the latest run that asked for previews trains on them: other previews (an old bucket, a removed clip) go."""
+    index = _read_decoded_index(root)
+    wanted = {decoded_name(c.video, c.bucket): c for c in clips}
+    todo = {
+        name: c
+        for name, c in wanted.items()
+        if index.get(name) != c.latent_key or not (decoded_dir(root) / name).is_file()
+    }
+    if todo:
+        fam = family(cfg.model)
+        vae = fam.load_vae(cfg.model, dtype=dtype, device=device)
+        if cfg.dataset.preprocessing.vae_tiling:
+            vae.enable_tiling()
+        for name, clip in progress(todo.items(), desc="decode previews", unit="clip"):
+            latents = load_tensors(latent_path(root, clip.latent_key))["latents"][None].to(device, dtype)
+            out = decoded_dir(root) / name
+            tmp = out.with_name(f".{out.stem}.part.mp4")  # written aside and renamed: never a half mp4
+            write_video(tmp, fam.decode_latents(vae, latents), clip.fps)
+            tmp.replace(out)
+            report.decoded += 1
+        del vae
+        _release_memory()
+    for p in decoded_dir(root).iterdir():
+        if p.is_file() and p.suffix == ".mp4" and not p.name.startswith(".") and p.name not in wanted:
+            p.unlink()
+            report.previews_removed += 1
+    write_json_atomic(decoded_index_path(root), {name: c.latent_key for name, c in wanted.items()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -550,7 +585,7 @@ def _manifest_files(root: Path, clips: list[CachedClip], with_decoded: bool) -> 
         if c.reference_key:
             paths.append(latent_path(root, c.reference_key))
         if with_decoded:
-            paths.append(decoded_path(root, c.latent_key))
+            paths.append(decoded_path(root, c.video, c.bucket))
         for p in paths:
             files[p.relative_to(root).as_posix()] = p.stat().st_size
     return files
@@ -575,7 +610,7 @@ def _reusable(mpath: Path, root: Path, settings: dict, sources: dict, with_decod
                 return None
         except OSError:
             return None
-    if with_decoded and any(not decoded_path(root, c.latent_key).is_file() for c in manifest.clips):
+    if with_decoded and not _previews_current(root, manifest.clips):
         return None
     return manifest
 
@@ -637,26 +672,44 @@ def _no_clip_error(folder: Path, skipped: list[Issue]) -> UserError:
     return UserError(f"dataset.data_folder: no usable clip in {folder}, all {len(skipped)} skipped: {lines}")
 
 
-def _print_report(mpath: Path, root: Path, manifest: Manifest, report: _Report, seconds: float) -> None:
-    print(f"preprocess: {len(manifest.clips)} clip(s) ready in {root} ({seconds:.1f} s)")
-    print(f"  {'':12}{'encoded':>9}{'reused':>9}")
-    print(f"  {'latents':12}{report.latents_encoded:>9}{report.latents_reused:>9}")
-    print(f"  {'conditions':12}{report.conditions_encoded:>9}{report.conditions_reused:>9}")
+def _bucket_lines(manifest: Manifest) -> list[str]:
+    """Which clip went to which bucket (the first few names per bucket; the manifest lists every clip)."""
+    by_bucket: dict[str, list[str]] = {"x".join(map(str, b)): [] for b in manifest.settings.get("buckets", [])}
+    for c in manifest.clips:
+        by_bucket.setdefault("x".join(map(str, c.bucket)), []).append(c.video)
+    lines = []
+    for bucket, videos in by_bucket.items():
+        if not videos:
+            lines.append(f"  bucket {bucket}: no clip (none fits its aspect ratio better, or all are too short)")
+            continue
+        more = len(videos) - BUCKET_NAMES_SHOWN
+        shown = ", ".join(videos[:BUCKET_NAMES_SHOWN]) + (f", +{more} more" if more > 0 else "")
+        lines.append(f"  bucket {bucket}: {len(videos)} clip(s): {shown}")
+    return lines
+
+
+def _issue_lines(title: str, issues: list) -> list[str]:
+    return [f"  {title} {len(issues)}:", *(f"    {i.path}: {i.reason}" for i in issues)] if issues else []
+
+
+def _log_report(mpath: Path, root: Path, manifest: Manifest, report: _Report, seconds: float) -> None:
+    lines = [
+        f"preprocess: {len(manifest.clips)} clip(s) ready in {root} ({seconds:.1f} s)",
+        *_bucket_lines(manifest),
+        f"  {'':12}{'encoded':>9}{'reused':>9}",
+        f"  {'latents':12}{report.latents_encoded:>9}{report.latents_reused:>9}",
+        f"  {'conditions':12}{report.conditions_encoded:>9}{report.conditions_reused:>9}",
+    ]
     if report.repaired:
-        print(f"  repaired {report.repaired} unreadable cache file(s)")
-    if report.decoded:
-        print(f"  decoded {report.decoded} preview video(s) to {decoded_dir(root)}")
+        lines.append(f"  repaired {report.repaired} unreadable cache file(s)")
+    if report.decoded or report.previews_removed:
+        removed = f", removed {report.previews_removed} old one(s)" if report.previews_removed else ""
+        lines.append(f"  decoded {report.decoded} preview video(s) to {decoded_dir(root)}{removed}")
     if report.pruned:
-        print(f"  pruned {report.pruned} cache file(s) no clip refers to")
-    if report.skipped:
-        print(f"  skipped {len(report.skipped)}:")
-        for i in report.skipped:
-            print(f"    {i.path}: {i.reason}")
-    if report.notes:
-        print(f"  notes {len(report.notes)}:")
-        for i in report.notes:
-            print(f"    {i.path}: {i.reason}")
-    print(f"  cache size on disk: {_human(_dir_size(root))}; manifest {mpath.name}")
+        lines.append(f"  pruned {report.pruned} cache file(s) no clip refers to")
+    lines += _issue_lines("skipped", report.skipped) + _issue_lines("notes", report.notes)
+    lines.append(f"  cache size on disk: {_human(_dir_size(root))}; manifest {mpath.name}")
+    log.info("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -686,9 +739,14 @@ def _reuse(cfg, mpath: Path, root: Path, settings: dict, sources: dict, t0: floa
         raise _strict_error([Issue(**s) for s in manifest.skipped])
     pruned = _prune(root, manifest) if pp.prune else 0
     n = len(manifest.clips)
-    extra = f", {len(manifest.skipped)} skipped" if manifest.skipped else ""
-    extra += f", pruned {pruned} file(s)" if pruned else ""
-    print(f"preprocess: cache reused, nothing to encode ({n} clip(s){extra}; {time.perf_counter() - t0:.2f} s)")
+    extra = f", pruned {pruned} file(s)" if pruned else ""
+    skipped = [Issue(**s) for s in manifest.skipped]
+    lines = [
+        f"preprocess: cache reused, nothing to encode ({n} clip(s){extra}; {time.perf_counter() - t0:.2f} s)",
+        *_bucket_lines(manifest),
+        *_issue_lines("skipped", skipped),
+    ]
+    log.info("\n".join(lines))
     return True
 
 
@@ -803,7 +861,7 @@ def run_preprocess(cfg) -> Path:
     write_json_atomic(mpath, manifest.to_json())  # last: a killed run leaves the previous manifest or none
     if pp.prune:
         report.pruned = _prune(root, manifest)
-    _print_report(mpath, root, manifest, report, time.perf_counter() - t0)
+    _log_report(mpath, root, manifest, report, time.perf_counter() - t0)
     return mpath
 
 

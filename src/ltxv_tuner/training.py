@@ -32,7 +32,7 @@ from .cache import write_json_atomic
 from .config import Config
 from .dataset import BatchOrder, CachedDataset, step_batches
 from .errors import UserError
-from .logs import run_log
+from .logs import progress, quiet_libraries, run_log
 from .preflight import QUANT_PACKAGE, check_acceleration, check_tracker
 from .strategies.flow_matching import flow_matching_loss
 
@@ -340,7 +340,7 @@ def _warn_partial_batches(data: CachedDataset, groups: list[list[int]], batch_si
         if len(g) % batch_size:
             bucket = "x".join(map(str, data.clips[g[0]].bucket))
             log.warning(
-                "warning: bucket %s has %d clip(s), not a multiple of training.batch_size %d: one batch per "
+                "bucket %s has %d clip(s), not a multiple of training.batch_size %d: one batch per "
                 "epoch has %d clip(s) (batches never mix buckets)", bucket, len(g), batch_size, len(g) % batch_size,
             )  # fmt: skip
 
@@ -393,6 +393,7 @@ def setup(accelerator, cfg: Config, run_dir: Path, manifest_path: Path, resume_c
         if accelerator.is_main_process:
             metrics.truncate_metrics(tr.metrics_path, tr.step)
         log.info("resumed from %s at step %d", resume_ckpt, tr.step)
+        _note_schedule_change(tr, state.get("config", {}).get("training", {}))
     if accelerator.is_main_process:
         ckpts.remove_temp_checkpoints(run_dir)
     log.info(
@@ -407,6 +408,32 @@ def setup(accelerator, cfg: Config, run_dir: Path, manifest_path: Path, resume_c
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A sharded (DTensor) parameter's own shard; any other tensor as it is."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _note_schedule_change(tr: Trainer, saved: dict) -> None:
+    """A resume with another length or shape of the LR schedule continues on the new one from the current step,
+    which can make the LR jump (a finished linear schedule is at 0; stretched to more steps it is not). The peak
+    learning rate, on the other hand, comes from the checkpoint (optimizer and scheduler state). Say both."""
+    t = tr.cfg.training
+    changed = [
+        f"training.{key} {saved[key]} -> {getattr(t, key)}"
+        for key in ("steps", "scheduler_type", "warmup_steps")
+        if key in saved and saved[key] != getattr(t, key)
+    ]
+    scheduler = getattr(tr.lr_scheduler, "scheduler", tr.lr_scheduler)  # accelerate's wrapper holds the real one
+    before = scheduler.get_last_lr()[0]
+    after = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](tr.step + 1)  # what the log shows after the next step
+    if changed and abs(after - before) > 1e-12 + 1e-6 * abs(before):
+        log.info(
+            "note: %s since the checkpoint: the LR schedule now spans %d steps, so the LR jumps from %.3e at step %d "
+            "to %.3e at step %d (metrics.jsonl)", "; ".join(changed), t.steps, before, tr.step, after, tr.step + 1,
+        )  # fmt: skip
+    if "learning_rate" in saved and saved["learning_rate"] != t.learning_rate:
+        log.info(
+            "note: training.learning_rate %s -> %s is not applied on a resume: the schedule continues from the "
+            "checkpoint's peak %s (start a new run to train with another learning rate)",
+            saved["learning_rate"], t.learning_rate, saved["learning_rate"],
+        )  # fmt: skip
 
 
 def _save(tr: Trainer) -> None:
@@ -452,11 +479,9 @@ def _validate(tr: Trainer) -> None:
 def fit(tr: Trainer) -> tuple[float | None, int | None]:
     """The loop: optimizer steps until training.steps, with metrics, checkpoints and validation at their
     intervals. Returns (last logged loss, last saved step)."""
-    from tqdm.auto import tqdm
-
     cfg, t, accelerator = tr.cfg, tr.cfg.training, tr.accelerator
     world, main = accelerator.num_processes, accelerator.is_main_process
-    bar = tqdm(total=t.steps, initial=tr.step, desc="train", unit="step", disable=not main, dynamic_ncols=True)
+    bar = progress(total=t.steps, initial=tr.step, desc="train", unit="step", disable=not main, dynamic_ncols=True)
     batches = step_batches(tr.data, tr.order, tr.data_position, tr.step, t.steps, t.gradient_accumulation_steps,
                            accelerator.process_index, world, accelerator.device)  # fmt: skip
     pending: list[dict] = []  # per-step records whose tensors are synced only at flush time
@@ -583,6 +608,7 @@ def train(cfg: Config, run_dir: Path, manifest_path: Path, resume_from: Path | N
     complete checkpoint with the same step count, data order and optimizer state.
     Several processes: `launch.train` starts this in each of them through `accelerate launch`."""
     check_acceleration(cfg)  # this is an entry point too (tests, notebooks, each launched process)
+    quiet_libraries()
     run_dir = Path(run_dir)
     resume_ckpt = ckpts.resolve_resume_checkpoint(resume_from) if resume_from is not None else None
     started = time.perf_counter()

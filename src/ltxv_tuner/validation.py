@@ -1,9 +1,10 @@
 """Validation videos during training: the weights being trained, rendered as Lightricks recommends for the model.
 
-Every video goes through diffusers' LTXConditionPipeline (text-to-video; image-to-video with `validation.images`)
-with the settings of the model version (`family.inference_settings`: dev or distilled schedule, guidance, decode
-timestep and noise, frame rate), each overridable in `validation.*`. Prompts are encoded by the family's
-`encode_captions` with the training cache's caption_encoding, so the model sees prompts as it saw captions.
+Every video goes through diffusers' LTXConditionPipeline (image-to-video for each prompt with an image in
+`validation.images`, text-to-video for the others: no list, or null in it) with the settings of the model version
+(`family.inference_settings`: dev or distilled schedule, guidance, decode timestep and noise, frame rate), each
+overridable in `validation.*`. Prompts are encoded by the family's `encode_captions` with the training cache's
+caption_encoding, so the model sees prompts as it saw captions.
 
 Runs on the main process only. The VAE, text encoder and scheduler are loaded once per process and kept
 (on the CPU between validations). Writes
@@ -46,13 +47,17 @@ def final_prompts(cfg: Config) -> list[str]:
     return [f"{token} {p}" if token and not p.startswith(token) else p for p in cfg.validation.prompts]
 
 
-def load_images(cfg: Config) -> list | None:
+def load_images(cfg: Config) -> list:
+    """One first-frame image per prompt, None where the prompt is text-only (no `validation.images`: all)."""
     if cfg.validation.images is None:
-        return None
+        return [None] * len(cfg.validation.prompts)
     from PIL import Image
 
     images = []
     for i, path in enumerate(cfg.validation.images):
+        if path is None:
+            images.append(None)
+            continue
         try:
             images.append(Image.open(path).convert("RGB"))
         except OSError as e:
@@ -266,7 +271,7 @@ def _render_all(
                 for j in range(v.videos_per_prompt):
                     seed = v.seed + 1000 * i + j
                     generator = torch.Generator(device).manual_seed(seed)
-                    video = _render(pipe, cfg, s, texts, images[i] if images else None, generator)
+                    video = _render(pipe, cfg, s, texts, images[i], generator)  # None: text-to-video
                     path = write_mp4(video, out_dir / f"{i:02d}_{j:02d}_{_slug(prompt)}.mp4", s["frame_rate"])
                     write_sidecar(path, _record(cfg, s, step, prompt, i, seed))
                     written.append(path)
