@@ -210,6 +210,14 @@ class _SourceIndex:
                 self.dirty = True
 
     def get(self, src: ClipSource) -> dict:
+        """The memo of one video; {"error": ...} (not remembered: fixed permissions are seen next time) when the
+        file cannot be read."""
+        try:
+            return self._get(src)
+        except OSError as e:
+            return {"error": f"cannot read the video ({e.strerror or type(e).__name__}); fix its permissions"}
+
+    def _get(self, src: ClipSource) -> dict:
         st = src.video.stat()
         entry = self.entries.get(src.rel)
         if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
@@ -616,7 +624,8 @@ def _reusable(mpath: Path, root: Path, settings: dict, sources: dict, with_decod
 
 
 def _clip_files(root: Path, clips: list[CachedClip]) -> set[Path]:
-    files = {latent_path(root, c.latent_key) for c in clips} | {decoded_path(root, c.latent_key) for c in clips}
+    files = {latent_path(root, c.latent_key) for c in clips} | {decoded_path(root, c.video, c.bucket) for c in clips}
+    files |= {latent_path(root, c.reference_key) for c in clips if c.reference_key}  # IC-LoRA references
     return files | {condition_path(root, c.condition_key) for c in clips}
 
 
