@@ -605,3 +605,50 @@ def test_missing_relative_folder_says_where_it_was_looked_for(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=f"read from the current folder {re.escape(str(tmp_path))}"):
         run_preprocess(make_cfg(Path("data/videos")))
+
+
+def test_per_file_faults_are_reported_skips_and_the_other_clips_are_encoded(tmp_path: Path, monkeypatch, capsys):
+    """An unreadable subfolder, a file name that is not UTF-8, an unreadable caption and an unreadable video each
+    become one reported skip (by name), and never stop the other clips. Tests run as root here, so the permission
+    failures are injected at the OS call; the bad file name is real."""
+    folder = make_dataset(tmp_path / "data", n=2)
+    make_clip(folder / "locked" / "inner.mp4", caption="a clip in an unreadable folder")
+    make_clip(folder / "cap.mp4", seed=3, caption="its caption cannot be read")
+    make_clip(folder / "vid.mp4", seed=4, caption="its video cannot be read")
+    bad = os.path.join(os.fsencode(folder), b"bad\xff.mp4")
+    with open(bad, "wb") as f:
+        f.write(b"not read")
+    real_scandir, real_read_bytes = os.scandir, Path.read_bytes
+
+    def scandir(path="."):
+        if os.fsdecode(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    def read_bytes(self):
+        if self.name == "cap.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
+    real_sha = __import__("ltxv_tuner.preprocess", fromlist=["_sha256"])._sha256
+
+    def sha256(path):
+        if path.name == "vid.mp4":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_sha(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr("ltxv_tuner.preprocess._sha256", sha256)
+    manifest = Manifest.read(run_preprocess(make_cfg(folder)))
+    assert sorted(c.video for c in manifest.clips) == ["clip0.mp4", "clip1.mp4"]
+    skipped = {s["path"]: s["reason"] for s in manifest.skipped}
+    assert skipped["locked/"].startswith("cannot read this folder (Permission denied)")
+    assert skipped["bad\\xff.mp4"] == "file name is not valid UTF-8; rename it (e.g. plain ASCII)"
+    assert skipped["cap.txt"].startswith("cannot read the caption (Permission denied)")
+    assert skipped["vid.mp4"].startswith("cannot read the video (Permission denied)")
+    out = capsys.readouterr().out
+    for name in ("locked/", "bad\\xff.mp4", "cap.txt", "vid.mp4"):
+        assert name in out
+    with pytest.raises(UserError, match="dataset.strict is on and 4 file"):
+        run_preprocess(make_cfg(folder, strict=True))

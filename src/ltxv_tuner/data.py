@@ -12,6 +12,7 @@ Rules (each problem becomes a one-line reason in the preprocessing report, never
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,15 +50,37 @@ class ScanResult:
     files: list[Path] = field(default_factory=list)  # every video and caption file considered
 
 
-def _visible_files(folder: Path) -> list[Path]:
+def _printable(rel: str) -> str:
+    """A path as it can be printed and written to JSON (a name that is not UTF-8 keeps its bytes as \\xNN)."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _visible_files(folder: Path, problems: list[Issue] | None = None) -> list[Path]:
+    """Files under `folder`, sorted; hidden files and folders skipped. A subfolder that cannot be read and a file
+    whose name is not UTF-8 are reported in `problems` (their clips would otherwise vanish without a word)."""
+    problems = [] if problems is None else problems
+
+    def unreadable(err: OSError) -> None:
+        rel = Path(err.filename).relative_to(folder).as_posix() if err.filename else "."
+        reason = f"cannot read this folder ({err.strerror or type(err).__name__}): its files are not used; fix its"
+        problems.append(Issue(_printable(rel) + "/", reason + " permissions"))
+
     out = []
-    for path in sorted(folder.rglob("*")):
-        rel_parts = path.relative_to(folder).parts
-        if any(part.startswith(".") for part in rel_parts):
-            continue
-        if path.is_file():
-            out.append(path)
-    return out
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                problems.append(Issue(_printable(rel), "file name is not valid UTF-8; rename it (e.g. plain ASCII)"))
+                continue
+            if path.is_file():
+                out.append(path)
+    return sorted(out)
 
 
 def scan_folder(folder: str | Path) -> ScanResult:
@@ -66,7 +89,7 @@ def scan_folder(folder: str | Path) -> ScanResult:
     result = ScanResult()
     videos: dict[Path, list[Path]] = defaultdict(list)  # stem path (no suffix) -> videos
     captions: dict[Path, Path] = {}
-    for path in _visible_files(folder):
+    for path in _visible_files(folder, result.skipped):
         suffix = path.suffix.lower()
         if suffix in VIDEO_EXTENSIONS:
             videos[path.with_suffix("")].append(path)
@@ -96,8 +119,11 @@ def scan_folder(folder: str | Path) -> ScanResult:
 
 
 def read_caption(path: str | Path) -> tuple[str, str | None]:
-    """(caption text, note or None). Raises CaptionError for an empty or undecodable caption."""
-    raw = Path(path).read_bytes()
+    """(caption text, note or None). Raises CaptionError for an empty, unreadable or undecodable caption."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise CaptionError(f"cannot read the caption ({e.strerror or type(e).__name__}); fix its permissions") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -155,11 +181,13 @@ def scan_references(folder: Path, clip_rels: list[str]) -> ReferenceScan:
     """Pair each clip `sub/a.mp4` with `<folder>/sub/a.<any video ext>` (the extension may differ)."""
     result = ScanResult()
     by_stem: dict[str, list[Path]] = defaultdict(list)
-    for path in _visible_files(folder):
+    problems: list[Issue] = []
+    for path in _visible_files(folder, problems):
         if path.suffix.lower() in VIDEO_EXTENSIONS:
             by_stem[path.relative_to(folder).with_suffix("").as_posix()].append(path)
             result.files.append(path)
     out = ReferenceScan(files=result.files)
+    out.orphans += [Issue(REFERENCE_PREFIX + i.path, i.reason) for i in problems]
     wanted = {}
     for rel in clip_rels:
         stem = Path(rel).with_suffix("").as_posix()
