@@ -1,6 +1,6 @@
 """What `model.model_source` names, resolved once (no download, no weights read) into a typed `ModelSource`.
 
-- `tiny`: the small random LTXV of `ltxv_tiny.py`;
+- `tiny`: the small random LTXV of `ltxv_tiny.py`; `tiny-ltx2`: the small random LTX-2 of `ltx2_tiny.py`;
 - a named version (`LTXV_13B_097_DEV`, ...; case, `_`, `.` and `-` do not matter) -> one file of a Hugging Face
   repo, listed with its shipped configs in `model_configs/versions.json`;
 - a local `*.safetensors` single file, or a local diffusers folder.
@@ -71,6 +71,8 @@ def resolve(text: str) -> ModelSource:
     text = text.strip()
     if text.lower() == "tiny":
         return ModelSource(kind="tiny", text=text)
+    if text.lower() in ("tiny-ltx2", "tiny_ltx2"):
+        return ModelSource(kind="tiny", text=text, family="ltx2")
     version = lookup_version(text)
     if version is not None:
         entry = versions()[version]
@@ -104,5 +106,5 @@ def resolve(text: str) -> ModelSource:
     hint = f"did you mean {close[0]}? " if close else ""
     raise UserError(
         f"model.model_source: unknown model {text!r} ({hint}use one of {', '.join(named_versions())}, "
-        "a local .safetensors file, a diffusers folder, or tiny)"
+        "a local .safetensors file, a diffusers folder, tiny or tiny-ltx2)"
     )
