@@ -189,6 +189,7 @@ class CachedClip:
     latent_shape: list[int] = field(default_factory=list)  # [C, F, H, W]
     reference: str | None = None  # IC-LoRA: the reference video, relative to dataset.reference_folder
     reference_key: str | None = None  # its latents (same bucket, frames and crop as the clip)
+    audio_shape: list[int] = field(default_factory=list)  # LTX-2: [C, T, M] of its audio latents; [] = video-only
 
 
 @dataclass

@@ -255,6 +255,13 @@ class TrainingConfig(_Section):
     timestep_shift: bool = Field(
         True, description="Shift the sampled noise levels with sequence length, as LTXV trains."
     )
+    audio: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="LTX-2 joint audio-video training: auto = with each clip's own audio track where it has one "
+        "(clips without one train video-only, reported); on = every clip must have audio (others are skipped, "
+        "reported); off = video only (no audio encoded; the audio stream is left untouched). LTX-Video 0.9.x has "
+        "no audio: auto and off are the same there.",
+    )
     strategy: Literal["text_to_video", "ic_lora"] = Field(
         "text_to_video",
         description="text_to_video: clips + captions (image-to-video through first_frame_conditioning_p). ic_lora: "

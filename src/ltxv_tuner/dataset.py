@@ -60,8 +60,9 @@ class CachedDataset:
     def bucket_groups(self) -> list[list[int]]:
         """Sample indices grouped by bucket, buckets in a fixed order."""
         groups: dict[tuple, list[int]] = {}
-        for i, clip in enumerate(self.clips):
-            groups.setdefault(tuple(clip.bucket), []).append(i)
+        for i, clip in enumerate(self.clips):  # LTX-2: clips with and without audio are never batched together
+            key = (*clip.bucket, 1) if clip.audio_shape else tuple(clip.bucket)
+            groups.setdefault(key, []).append(i)
         return [groups[k] for k in sorted(groups)]
 
     def embedding_width(self) -> tuple[Path, int]:
@@ -70,11 +71,14 @@ class CachedDataset:
 
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """One batch on the CPU: latents [B, C, F, H, W], prompt_embeds, prompt_attention_mask, fps, and for IC-LoRA
-        clips reference_latents [B, C, F, H, W]."""
-        lat, emb, mask, fps, ref = [], [], [], [], []
+        clips reference_latents [B, C, F, H, W], for LTX-2 clips with audio audio_latents [B, 8, T, 16]."""
+        lat, emb, mask, fps, ref, audio = [], [], [], [], [], []
         for i in indices:
             clip = self.clips[i]
-            lat.append(load_tensors(latent_path(self.root, clip.latent_key))["latents"])
+            stored = load_tensors(latent_path(self.root, clip.latent_key))
+            lat.append(stored["latents"])
+            if clip.audio_shape:
+                audio.append(stored["audio_latents"])
             if clip.reference_key:
                 ref.append(load_tensors(latent_path(self.root, clip.reference_key))["latents"])
             cond = load_tensors(condition_path(self.root, clip.condition_key))
@@ -89,6 +93,8 @@ class CachedDataset:
         }
         if ref:
             batch["reference_latents"] = torch.stack(ref)
+        if audio:
+            batch["audio_latents"] = torch.stack(audio)
         return batch
 
 

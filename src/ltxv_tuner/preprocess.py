@@ -110,7 +110,14 @@ def _settings(cfg, dtype: torch.dtype) -> dict:
         "dtype": _dtype_name(dtype),
         "vae_tiling": pp.vae_tiling,
         "vae_posterior": pp.vae_posterior,
-    } | _reference_settings(cfg)
+    } | _reference_settings(cfg) | _audio_settings(cfg, ident)
+
+
+def _audio_settings(cfg, ident: dict) -> dict:
+    """Audio latents (LTX-2 with training.audio auto/on) are part of each latent file; a video-only cache's settings
+    (every LTXV cache) stay as they were."""
+    mode = family(cfg.model).audio_mode(cfg)
+    return {} if mode == "off" else {"audio": str(ident["audio_vae"]), "audio_mode": mode}
 
 
 def _reference_settings(cfg) -> dict:
@@ -132,6 +139,7 @@ def _latent_key(settings: dict, sha256: str, bucket: list[int], start: int) -> s
             "dtype": settings["dtype"],
             "vae_tiling": settings["vae_tiling"],
             "vae_posterior": settings["vae_posterior"],
+            **({"audio": settings["audio"], "audio_mode": settings["audio_mode"]} if "audio" in settings else {}),
         }
     )
 
@@ -478,6 +486,33 @@ def _in_order(items: list, fn: Callable, workers: int) -> Iterator[tuple]:
             yield item, fut.result()
 
 
+class _AudioEncoder:
+    """LTX-2: each clip's own audio track over the frames' time span -> log-mel -> audio VAE latents. A clip without
+    an audio track (or with one that cannot be decoded) trains video-only, reported; with training.audio: on it is
+    a reported skip instead."""
+
+    def __init__(self, cfg, fam, device, dtype, report: _Report):
+        self.fam, self.device, self.dtype, self.report = fam, device, dtype, report
+        self.required = fam.audio_mode(cfg) == "on"
+        self.posterior = cfg.dataset.preprocessing.vae_posterior
+        self.vae = fam.load_audio_vae(cfg.model, dtype=dtype, device=device)
+
+    def read(self, item: _Item, fps: float):
+        """The clip's log-mel (None: video-only). In a decode thread."""
+        mel, why = self.fam.clip_audio(item.src.video, item.start, item.bucket[2], fps)
+        if mel is None:
+            if self.required:
+                raise VideoError(f"{why} (training.audio: on needs audio in every clip; use auto to train it video-only)")
+            log.debug("%s: %s", item.src.rel, why)
+        return mel
+
+    def encode(self, item: _Item, mel: torch.Tensor, fps: float) -> torch.Tensor:
+        frames = self.fam.audio_latent_frames(item.bucket[2], fps)
+        mel = mel[None].to(device=self.device, dtype=self.dtype)
+        latents = self.fam.encode_audio(self.vae, mel, frames, self.posterior, [_posterior_seed(item.latent_key) + 1])
+        return latents[0].float()
+
+
 @torch.inference_mode()
 def _encode_latents(
     cfg, root: Path, todo: list[_Item], device: str, dtype: torch.dtype, report: _Report, on_bad: Callable
@@ -495,19 +530,25 @@ def _encode_latents(
         by_bucket.setdefault(tuple(item.bucket), []).append(item)
     ordered = [item for group in by_bucket.values() for item in group]
 
+    audio = _AudioEncoder(cfg, fam, device, dtype, report) if fam.audio_mode(cfg) != "off" else None
+
     def decode(item: _Item):  # in a worker thread when num_workers > 0: decoding overlaps the VAE
         w, h, f = item.bucket
         frames, fps = read_clip(item.src.video, w, h, f, item.start)
-        return frames_to_vae_input(frames), fps
+        mel = audio.read(item, fps) if audio is not None and not item.src.rel.startswith(REFERENCE_PREFIX) else None
+        return frames_to_vae_input(frames), fps, mel
 
-    def flush(batch: list[tuple[_Item, torch.Tensor, float]]):
-        x = torch.stack([pixels for _, pixels, _ in batch]).to(device=device, dtype=dtype)
-        seeds = [_posterior_seed(item.latent_key) for item, _, _ in batch]
+    def flush(batch: list[tuple[_Item, torch.Tensor, float, object]]):
+        x = torch.stack([pixels for _, pixels, _, _ in batch]).to(device=device, dtype=dtype)
+        seeds = [_posterior_seed(item.latent_key) for item, _, _, _ in batch]
         latents = fam.encode_video(vae, x, pp.vae_posterior, seeds)
-        for (item, _, fps), lat in zip(batch, latents, strict=True):
+        for (item, _, fps, mel), lat in zip(batch, latents, strict=True):
+            tensors = {"latents": lat.float()}  # float32 on disk whatever the compute dtype: one contract for readers
+            if mel is not None:
+                tensors["audio_latents"] = audio.encode(item, mel, fps)
             save_tensors_atomic(
                 latent_path(root, item.latent_key),
-                {"latents": lat.float()},  # float32 on disk whatever the compute dtype: one contract for readers
+                tensors,
                 metadata={"fps": repr(fps), "video": item.src.rel, "format_version": str(CACHE_FORMAT_VERSION)},
             )
             fps_by_key[item.latent_key] = fps
@@ -529,7 +570,7 @@ def _encode_latents(
             bar.update(1)
         if batch:
             flush(batch)
-    vae = None  # the flush closure holds the name; dropping the reference is what frees it
+    vae = audio = None  # the flush closure holds the names; dropping the references is what frees them
     _release_memory()
     return fps_by_key
 
@@ -816,6 +857,7 @@ def _cached_clips(root: Path, items: list[_Item], bad_reasons: dict, fps_by_key:
                 latent_key=it.latent_key,
                 condition_key=it.condition_key,
                 latent_shape=shapes["latents"],
+                audio_shape=shapes.get("audio_latents", []),
                 reference=ref.src.rel.removeprefix(REFERENCE_PREFIX) if ref else None,
                 reference_key=ref.latent_key if ref else None,
             )
@@ -852,6 +894,8 @@ def run_preprocess(cfg) -> Path:
     bad_reasons, fps_by_key = _missing_latents(cfg, root, items, index, device, dtype, report)
     report.skipped = list(report.skipped)
     clips = _cached_clips(root, items, bad_reasons, fps_by_key, report.skipped)
+    if "audio" in settings:
+        report.notes += [Issue(c.video, "no usable audio track: trains video-only") for c in clips if not c.audio_shape]
     if cfg.dataset.strict and report.skipped:
         raise _strict_error(report.skipped)
     if not clips:

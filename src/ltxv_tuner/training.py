@@ -68,26 +68,25 @@ def step_seed(seed: int, step: int, micro: int, process: int) -> int:
     return (((seed * 1_000_003 + step) * 1_009 + micro) * 4_099 + process) % (2**63 - 1)
 
 
-def training_step(transformer: torch.nn.Module, batch: dict, generator: torch.Generator, cfg: Config) -> torch.Tensor:
-    """One flow-matching forward pass and its loss (no backward). `batch`: a `CachedDataset` batch on the device;
+def training_losses(transformer: torch.nn.Module, batch: dict, generator: torch.Generator, cfg: Config) -> dict:
+    """One flow-matching forward pass and its loss (no backward): {"loss": ..., and per-modality parts where the
+    family has several (LTX-2: loss_video, loss_audio)}. `batch`: a `CachedDataset` batch on the device;
     `generator` (on the same device) draws the noise levels, the noise and the strategy's random choices."""
-    family, strategy = models.family(cfg.model), strategies.strategy(cfg)
-    latents = batch["latents"]
-    _, _, f, h, w = latents.shape
-    x0 = family.pack_latents(latents.float())
-    shift = family.scheduler_shift(f * h * w)
-    ref = batch.get("reference_latents")
-    reference = family.pack_latents(ref.float()) if ref is not None else None
-    inputs = strategy.prepare(x0, h * w, shift, generator, cfg.training, reference)
-    reference_grid = tuple(ref.shape[2:]) if inputs.prepended else None
-    pred = family.forward(transformer, inputs.tokens, inputs.timestep, batch, (f, h, w), reference_grid)
-    return flow_matching_loss(strategy.prediction_for_loss(pred, inputs), inputs.target, inputs.loss_mask)
+    return models.family(cfg.model).training_losses(transformer, batch, generator, cfg, strategies.strategy(cfg))
 
 
-def optimizer_step(accelerator, model, optimizer, lr_scheduler, params, micro_batches: list[dict], step: int, cfg):
+def training_step(transformer: torch.nn.Module, batch: dict, generator: torch.Generator, cfg: Config) -> torch.Tensor:
+    """The loss of `training_losses`."""
+    return training_losses(transformer, batch, generator, cfg)["loss"]
+
+
+def optimizer_step(
+    accelerator, model, optimizer, lr_scheduler, params, micro_batches: list[dict], step: int, cfg, parts=None
+):
     """One optimizer step over the step's micro-batches (gradient accumulation; gradients are synced across
     processes on the last one only), then clipping, the optimizer and the LR schedule.
-    Returns (mean loss, grad norm) as device tensors: nothing here waits for the device."""
+    Returns (mean loss, grad norm) as device tensors: nothing here waits for the device. `parts`: a dict that
+    receives the mean of each loss part (LTX-2: loss_video, loss_audio) as device tensors."""
     n = len(micro_batches)
     rank = accelerator.process_index
     step_loss = torch.zeros((), device=accelerator.device)
@@ -95,9 +94,13 @@ def optimizer_step(accelerator, model, optimizer, lr_scheduler, params, micro_ba
     for micro, batch in enumerate(micro_batches):
         generator = torch.Generator(accelerator.device).manual_seed(step_seed(cfg.seed, step, micro, rank))
         with contextlib.nullcontext() if micro == n - 1 else no_sync(model):
-            loss = training_step(model, batch, generator, cfg)
-            accelerator.backward(loss / n)
-        step_loss += loss.detach()
+            losses = training_losses(model, batch, generator, cfg)
+            accelerator.backward(losses["loss"] / n)
+        step_loss += losses["loss"].detach()
+        if parts is not None:
+            for key, value in losses.items():
+                if key != "loss":
+                    parts[key] = parts.get(key, 0.0) + value.detach() / n
     max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
     grad_norm = sharding.local_tensor(accelerator.clip_grad_norm_(params, max_norm))  # sharded: replicated DTensor
     optimizer.step()
@@ -488,8 +491,9 @@ def fit(tr: Trainer) -> tuple[float | None, int | None]:
     final_loss, last_saved = None, None
     tick = time.perf_counter()
     for micro_batches in batches:
+        parts: dict = {}
         loss, grad_norm = optimizer_step(accelerator, tr.model, tr.optimizer, tr.lr_scheduler, tr.params,
-                                         micro_batches, tr.step, cfg)  # fmt: skip
+                                         micro_batches, tr.step, cfg, parts)  # fmt: skip
         tr.step += 1
         tr.data_position += t.gradient_accumulation_steps * world
         now = time.perf_counter()
@@ -497,7 +501,7 @@ def fit(tr: Trainer) -> tuple[float | None, int | None]:
         lr = tr.lr_scheduler.get_last_lr()[0]
         rate = samples * world / max(now - tick, 1e-9)
         pending.append({"step": tr.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "s_per_step": now - tick,
-                        "samples_per_s": rate})  # fmt: skip
+                        "samples_per_s": rate, "parts": parts})  # fmt: skip
         tick = now
         bar.update(1)
         interval = cfg.checkpoints.interval
@@ -561,6 +565,19 @@ def non_finite_error(row: dict, last_saved: int | None) -> NonFiniteError:
     )
 
 
+def _reduce_parts(accelerator, pending: list[dict]) -> list[dict]:
+    """Per-step loss parts averaged over processes (every process has the same keys: the batches of one step
+    share a bucket, but a part a process's batch lacks, e.g. audio, counts as missing on every process)."""
+    keys = sorted({k for r in pending for k in r.get("parts", {})})
+    if not keys:
+        return [{} for _ in pending]
+    nan = torch.tensor(float("nan"), device=accelerator.device)
+    table = torch.stack([torch.stack([torch.as_tensor(r.get("parts", {}).get(k, nan)).float().reshape(())
+                                      for k in keys]) for r in pending])  # fmt: skip
+    table = accelerator.reduce(table, reduction="mean").tolist()
+    return [{k: v for k, v in zip(keys, row, strict=True) if math.isfinite(v)} for row in table]
+
+
 def _flush_metrics(accelerator, pending: list[dict], path: Path, bar, last_saved: int | None = None) -> float | None:
     """One host sync for the losses/grad norms of the last few steps (averaged over processes), then log them.
     A non-finite loss or gradient norm (the same on every process: both are synced) stops the run naming its
@@ -569,10 +586,12 @@ def _flush_metrics(accelerator, pending: list[dict], path: Path, bar, last_saved
         return None
     losses = accelerator.reduce(torch.stack([r["loss"] for r in pending]).float(), reduction="mean").tolist()
     norms = torch.stack([torch.as_tensor(r["grad_norm"]).float().reshape(()) for r in pending]).tolist()
+    part_values = _reduce_parts(accelerator, pending)
     peak = metrics.peak_memory_mb(accelerator.device)
     rows, bad = [], None
-    for r, loss, norm in zip(pending, losses, norms, strict=True):
-        row = {**r, "loss": loss, "grad_norm": norm, "peak_memory_mb": round(peak, 1)}
+    for r, loss, norm, extra in zip(pending, losses, norms, part_values, strict=True):
+        row = {**{k: v for k, v in r.items() if k != "parts"}, "loss": loss, "grad_norm": norm, **extra,
+               "peak_memory_mb": round(peak, 1)}  # fmt: skip
         if not (math.isfinite(loss) and math.isfinite(norm)):
             bad = row
             break

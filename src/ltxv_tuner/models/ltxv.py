@@ -609,6 +609,32 @@ def forward(
     return transformer(**common, num_frames=f, height=h, width=w, rope_interpolation_scale=rope_scale)[0]
 
 
+def audio_mode(cfg) -> str:
+    """LTX-Video 0.9.x has no audio stream: always "off" (training.audio: on is refused)."""
+    if cfg.training.audio == "on":
+        raise UserError(
+            f"training.audio: on: {cfg.model.model_source} is an LTX-Video 0.9.x model, which has no audio; "
+            "use training.audio: auto (or off), or an LTX-2 model"
+        )
+    return "off"
+
+
+def training_losses(transformer, batch: dict, generator: torch.Generator, cfg, strategy) -> dict[str, torch.Tensor]:
+    """One flow-matching forward and its loss: the strategy noises the packed latents (noise levels from the
+    sequence-shifted logit-normal), the transformer predicts the velocity."""
+    from ..strategies.flow_matching import flow_matching_loss
+
+    latents = batch["latents"]
+    _, _, f, h, w = latents.shape
+    x0 = pack_latents(latents.float())
+    ref = batch.get("reference_latents")
+    reference = pack_latents(ref.float()) if ref is not None else None
+    inputs = strategy.prepare(x0, h * w, scheduler_shift(f * h * w), generator, cfg.training, reference)
+    reference_grid = tuple(ref.shape[2:]) if inputs.prepended else None
+    pred = forward(transformer, inputs.tokens, inputs.timestep, batch, (f, h, w), reference_grid)
+    return {"loss": flow_matching_loss(strategy.prediction_for_loss(pred, inputs), inputs.target, inputs.loss_mask)}
+
+
 def scheduler_shift(seq_len: int) -> float:
     """Mean of the training noise-level distribution for `seq_len` tokens: the scheduler's dynamic shift, linear
     from base_shift at base_image_seq_len to max_shift at max_image_seq_len (0.95 at 1024 -> 2.05 at 4096)."""

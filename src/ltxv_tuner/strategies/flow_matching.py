@@ -23,6 +23,7 @@ class StepInputs:
     target: torch.Tensor  # [B, seq, C]: the velocity of the noised tokens
     loss_mask: torch.Tensor | None  # [B, seq] True where a token counts in the loss; None = all count
     prepended: int = 0  # clean tokens before the noised ones (IC-LoRA reference), never in the loss
+    sigmas: torch.Tensor | None = None  # [B]: each sample's noise level (a family may noise other streams with it)
 
 
 def sample_sigmas(batch_size: int, mean: float, generator: torch.Generator, std: float = SIGMA_STD) -> torch.Tensor:

@@ -12,11 +12,17 @@ import torch
 
 from ..errors import UserError
 from . import text_to_video
-from .flow_matching import StepInputs
+from .flow_matching import StepInputs, sample_sigmas
 
 
 def prepare(
-    x0: torch.Tensor, tokens_per_frame: int, shift: float, generator: torch.Generator, training_cfg, reference=None
+    x0: torch.Tensor,
+    tokens_per_frame: int,
+    shift: float,
+    generator: torch.Generator,
+    training_cfg,
+    reference=None,
+    sampler=sample_sigmas,
 ) -> StepInputs:
     """`reference`: the packed clean reference latents [B, ref_seq, C] of the batch's clips."""
     if reference is None:
@@ -24,7 +30,7 @@ def prepare(
             "training.strategy ic_lora: the batch has no reference latents (the cache was made without "
             "dataset.reference_folder); run the preprocess stage again"
         )
-    inputs = text_to_video.prepare(x0, tokens_per_frame, shift, generator, training_cfg)
+    inputs = text_to_video.prepare(x0, tokens_per_frame, shift, generator, training_cfg, sampler=sampler)
     b, seq = x0.shape[:2]
     n_ref = reference.shape[1]
     timestep = inputs.timestep if inputs.timestep.ndim == 2 else inputs.timestep[:, None].expand(b, seq)
@@ -35,6 +41,7 @@ def prepare(
         target=inputs.target,
         loss_mask=inputs.loss_mask,
         prepended=n_ref,
+        sigmas=inputs.sigmas,
     )
 
 

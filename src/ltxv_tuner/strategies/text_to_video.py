@@ -27,23 +27,30 @@ def first_frame_mask(
 
 
 def prepare(
-    x0: torch.Tensor, tokens_per_frame: int, shift: float, generator: torch.Generator, training_cfg, reference=None
+    x0: torch.Tensor,
+    tokens_per_frame: int,
+    shift: float,
+    generator: torch.Generator,
+    training_cfg,
+    reference=None,
+    sampler=sample_sigmas,
 ) -> StepInputs:
     """Noised tokens, timesteps, target and loss mask for one batch of packed clean latents x0 [B, seq, C]
-    (`reference` is not used by this strategy). The draws happen in a fixed order (noise levels, noise,
-    conditioning choice): resume relies on it."""
+    (`reference` is not used by this strategy). `sampler(batch, mean, generator)` draws the noise levels (the model
+    family's training distribution). The draws happen in a fixed order (noise levels, noise, conditioning choice):
+    resume relies on it."""
     b, seq_len, _ = x0.shape
-    sigmas = sample_sigmas(b, shift if training_cfg.timestep_shift else 0.0, generator)
+    sigmas = sampler(b, shift if training_cfg.timestep_shift else 0.0, generator)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype)
     p = training_cfg.first_frame_conditioning_p
     video = seq_len > tokens_per_frame  # one latent frame (an image): never conditioned
     cond = first_frame_mask(b, tokens_per_frame, seq_len, p, generator) if p > 0 and video else None
     if cond is None:
         timestep = sigmas * 1000.0  # [B]: one noise level per sample
-        return StepInputs(noisy(x0, noise, sigmas[:, None, None]), timestep, velocity(x0, noise), None)
+        return StepInputs(noisy(x0, noise, sigmas[:, None, None]), timestep, velocity(x0, noise), None, sigmas=sigmas)
     per_token = sigmas[:, None].expand(b, seq_len).masked_fill(cond, 0.0)  # clean first frame
     timestep = per_token * 1000.0  # [B, seq]
-    return StepInputs(noisy(x0, noise, per_token[..., None]), timestep, velocity(x0, noise), ~cond)
+    return StepInputs(noisy(x0, noise, per_token[..., None]), timestep, velocity(x0, noise), ~cond, sigmas=sigmas)
 
 
 def prediction_for_loss(pred: torch.Tensor, inputs: StepInputs) -> torch.Tensor:

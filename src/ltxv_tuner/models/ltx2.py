@@ -1,0 +1,314 @@
+"""The LTX-2 family (LTX-2, LTX-2.3, LTX-2.5; `tiny-ltx2` for tests): joint audio + video, Gemma text encoder.
+
+What differs from LTXV 0.9.x, and where it is answered here:
+- text: Gemma's stacked hidden states go through the aggregate projection (the connectors' `text_proj_in`, or the
+  per-modality projections of 2.3) at preprocessing time; the cache holds those features + the mask, and the frozen
+  connectors (1-D transformers with learnable registers) run at every training step (`run_connectors`);
+- audio: the clip's own audio track -> stereo 16 kHz log-mel -> audio VAE latents, normalised in packed space,
+  cached beside the video latents; clips without audio train video-only (cross-modal attention off);
+- training: the official trainer's (ltx-trainer) noise levels - a stretched, sequence-shifted logit-normal with 10 %
+  uniform draws - one level per sample shared by video and audio; video and audio velocity losses summed;
+- validation: diffusers' LTX2Pipeline (video with its generated audio track).
+Loading from every source is in `ltx2_load.py`, key names for original/ComfyUI files in `ltx2_keys.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ltx2_load
+from .ltx2_load import (  # noqa: F401  (the family's loaders, re-exported for `models.family`)
+    architecture,
+    base_checkpoint_metadata,
+    count_params,
+    load_audio_vae,
+    load_connectors,
+    load_scheduler,
+    load_vae,
+    load_vocoder,
+    model_identity,
+)
+from .ltxv import (  # noqa: F401  (same VAE compression, latent layout and token order as LTXV)
+    _unwrap,
+    caption_token_count,
+    decode_latents,
+    encode_video,
+    latent_shape,
+    pack_latents,
+    sequence_length,
+)
+
+AUDIO_LATENT_CHANNELS = 8
+AUDIO_LATENT_MEL = 16
+AUDIO_LATENTS_PER_SECOND = 25  # 16 kHz / hop 160 = 100 mel frames per second, 4x time compression in the audio VAE
+DEFAULT_MAX_TEXT_LENGTH = 1024  # LTX-2 prompts are left-padded to 1024 Gemma tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# Text: Gemma -> aggregate projection (cached) -> connectors (each step)
+
+
+class TextFeatures(torch.nn.Module):
+    """Gemma + the connectors' aggregate projection: what preprocessing caches. The connectors themselves run in
+    training (`run_connectors`); validation hands `gemma` and `connectors` to the diffusers pipeline."""
+
+    def __init__(self, gemma, connectors):
+        super().__init__()
+        self.gemma, self.connectors = gemma, connectors
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, padding_side: str = "left") -> torch.Tensor:
+        out = self.gemma(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+        stacked = torch.stack(out.hidden_states, dim=-1)  # [B, L, D, layers + 1]
+        return project_text(self.connectors, stacked, mask, padding_side)
+
+
+def project_text(connectors, stacked: torch.Tensor, mask: torch.Tensor, padding_side: str = "left") -> torch.Tensor:
+    """The aggregate projection of LTX2TextConnectors.forward: [B, L, D, layers] -> [B, L, width]. 2.0: one feature
+    for both modalities; 2.3 (per-modality projections): video and audio features concatenated on the last axis."""
+    from diffusers.pipelines.ltx2.connectors import per_layer_masked_mean_norm, per_token_rms_norm
+
+    c = connectors.config
+    if c.per_modality_projections:
+        norm = per_token_rms_norm(stacked).flatten(2, 3)
+        norm = torch.where(mask.bool().unsqueeze(-1), norm, torch.zeros_like(norm))
+        video = connectors.video_text_proj_in(norm * math.sqrt(c.video_hidden_dim / c.caption_channels))
+        audio = connectors.audio_text_proj_in(norm * math.sqrt(c.audio_hidden_dim / c.caption_channels))
+        return torch.cat([video, audio], dim=-1)
+    norm = per_layer_masked_mean_norm(
+        text_hidden_states=stacked, sequence_lengths=mask.sum(dim=-1), device=stacked.device,
+        padding_side=padding_side, scale_factor=8,
+    )  # fmt: skip
+    return connectors.text_proj_in(norm)
+
+
+def feature_widths(connectors) -> tuple[int, int | None]:
+    """(video width, audio width or None when both modalities share one feature) of the cached text features."""
+    c = connectors.config
+    if c.per_modality_projections:
+        return c.video_hidden_dim, c.audio_hidden_dim
+    return c.caption_channels, None
+
+
+def run_connectors(connectors, features: torch.Tensor, mask: torch.Tensor):
+    """Cached features [B, L, width] + mask [B, L] -> (video context, audio context, video context mask): the rest of
+    LTX2TextConnectors.forward after the projection (learnable registers replace the padding)."""
+    video_w, audio_w = feature_widths(connectors)
+    video = features[..., :video_w]
+    audio = features[..., video_w : video_w + audio_w] if audio_w else video
+    dtype = video.dtype
+    additive = ((mask.to(torch.int64) - 1).to(dtype) * torch.finfo(dtype).max).reshape(mask.shape[0], 1, 1, -1)
+    video_ctx, video_mask = connectors.video_connector(video, additive)
+    binary = (video_mask < 1e-6).to(torch.int64).reshape(video_ctx.shape[0], video_ctx.shape[1], 1)
+    audio_ctx, _ = connectors.audio_connector(audio, additive)
+    return video_ctx * binary, audio_ctx, binary.squeeze(-1)
+
+
+def load_text_encoder(model_cfg, dtype=torch.float32, device="cpu"):
+    """(tokenizer, TextFeatures): Gemma and the connectors (their projection is what the cache holds)."""
+    tokenizer, gemma = ltx2_load.load_text_encoder(model_cfg, dtype=dtype, device=device)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    connectors = ltx2_load.load_connectors(model_cfg, dtype=dtype, device=device)
+    return tokenizer, TextFeatures(gemma.eval(), connectors.eval())
+
+
+def encode_captions(tokenizer, encoder, texts: list[str], max_len: int, device, encoding: str = "diffusers"):
+    """(features [B, max_len, width], mask [B, max_len]) as LTX2Pipeline prepares prompts: stripped, left-padded to
+    max_len with BOS, Gemma with the mask, all hidden states, then the aggregate projection. `encoding` is an LTXV
+    setting (T5 with or without the mask); LTX-2 has one way."""
+    tok = tokenizer(
+        [t.strip() for t in texts], padding="max_length", max_length=max_len, truncation=True,
+        add_special_tokens=True, return_tensors="pt",
+    )  # fmt: skip
+    ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+    return encoder(ids, mask, tokenizer.padding_side), tok.attention_mask
+
+
+def attach_connectors(transformer, connectors) -> None:
+    """The frozen connectors travel with the transformer being trained (not a submodule: not in its state dict,
+    not wrapped by DDP/FSDP, never trained)."""
+    for p in connectors.parameters():
+        p.requires_grad_(False)
+    _unwrap(transformer).__dict__["_ltx2_connectors"] = connectors.eval()
+
+
+def connectors_of(transformer, device, dtype):
+    model = _unwrap(transformer)
+    connectors = model.__dict__.get("_ltx2_connectors")
+    if connectors is None:
+        raise RuntimeError("the LTX-2 transformer has no connectors attached (load it with models.family)")
+    p = next(connectors.parameters())
+    if p.device != torch.device(device) or p.dtype != dtype:
+        connectors.to(device=device, dtype=dtype)
+    return connectors
+
+
+def load_transformer(model_cfg, dtype=torch.float32, device="cpu"):
+    """The transformer, with the frozen text connectors attached (they run at every training step)."""
+    transformer = ltx2_load.load_transformer(model_cfg, dtype=dtype, device=device)
+    attach_connectors(transformer, ltx2_load.load_connectors(model_cfg, dtype=torch.float32, device=device))
+    return transformer
+
+
+def embedding_width(transformer) -> int:
+    """Width of the cached text features this transformer's connectors take."""
+    connectors = _unwrap(transformer).__dict__.get("_ltx2_connectors")
+    if connectors is None:
+        return _unwrap(transformer).config.caption_channels
+    video_w, audio_w = feature_widths(connectors)
+    return video_w + (audio_w or 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Audio latents
+
+
+def _audio_stats(audio_vae, like: torch.Tensor):
+    return (audio_vae.latents_mean.to(like.device, like.dtype), audio_vae.latents_std.to(like.device, like.dtype))
+
+
+def pack_audio(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, T, M] -> [B, T, C*M], LTX2Pipeline's audio token order."""
+    return latents.transpose(1, 2).flatten(2, 3)
+
+
+def unpack_audio(tokens: torch.Tensor, mel_bins: int = AUDIO_LATENT_MEL) -> torch.Tensor:
+    return tokens.unflatten(2, (-1, mel_bins)).transpose(1, 2)
+
+
+def audio_latent_frames(num_frames: int, fps: float) -> int:
+    """Audio latent steps for a clip of num_frames at fps (LTX2Pipeline: duration x 25, rounded)."""
+    return max(1, round(num_frames / fps * AUDIO_LATENTS_PER_SECOND))
+
+
+def audio_mode(cfg) -> str:
+    """training.audio: auto (audio where the clip has it), on (every clip), off (video only)."""
+    return cfg.training.audio
+
+
+def clip_audio(path, start_frame: int, num_frames: int, fps: float):
+    """(log-mel [2, T, 64] of the clip's audio over the frames' time span, None) or (None, why there is none)."""
+    from .. import audio
+
+    try:
+        wave = audio.read_audio(path, start_frame / fps, num_frames / fps)
+    except audio.AudioError as e:
+        return None, f"audio track unreadable ({e})"
+    if wave is None:
+        return None, "no audio track"
+    return audio.mel_spectrogram(wave[None])[0], None
+
+
+def encode_audio(audio_vae, mel: torch.Tensor, frames: int, posterior: str = "mode", seeds=None) -> torch.Tensor:
+    """Log-mel [B, 2, T, 64] -> normalised audio latents [B, 8, frames, 16] (normalised in packed space, as the
+    pipeline does), cut or zero-padded to `frames` latent steps (the video's time span)."""
+    dist = audio_vae.encode(mel).latent_dist
+    if posterior == "mode":
+        z = dist.mode()
+    else:
+        shape = dist.mean.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        z = dist.mean + dist.std * noise.to(device=dist.mean.device, dtype=dist.mean.dtype)
+    if z.shape[2] >= frames:
+        z = z[:, :, :frames]
+    else:
+        z = torch.nn.functional.pad(z, (0, 0, 0, frames - z.shape[2]))
+    mean, std = _audio_stats(audio_vae, z)
+    return unpack_audio((pack_audio(z) - mean) / std, z.shape[-1])
+
+
+def denormalize_audio(audio_vae, latents: torch.Tensor) -> torch.Tensor:
+    mean, std = _audio_stats(audio_vae, latents)
+    return unpack_audio(pack_audio(latents) * std + mean, latents.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def scheduler_shift(seq_len: int) -> float:
+    """ltx-trainer's shift of the noise-level distribution: linear from 0.95 at 1024 video tokens to 2.05 at 4096."""
+    slope = (2.05 - 0.95) / (4096 - 1024)
+    return 0.95 + slope * (seq_len - 1024)
+
+
+def sample_sigmas(batch_size: int, mean: float, generator: torch.Generator) -> torch.Tensor:
+    """ltx-trainer's ShiftedLogitNormalTimestepSampler: sigmoid(N(mean, 1)) stretched so its 0.5th..99.9th
+    percentiles span [0, 1] (small values reflected at 1e-3), replaced by a uniform draw 10 % of the time."""
+    eps, device = 1e-3, generator.device
+    normal = torch.randn(batch_size, generator=generator, device=device) + mean
+    lo, hi = torch.sigmoid(torch.tensor(mean - 2.5758)), torch.sigmoid(torch.tensor(mean + 3.0902))
+    stretched = (torch.sigmoid(normal) - lo.to(device)) / (hi - lo).to(device)
+    stretched = torch.where(stretched >= eps, stretched, 2 * eps - stretched).clamp(0, 1)
+    uniform = (1 - eps) * torch.rand(batch_size, generator=generator, device=device) + eps
+    pick = torch.rand(batch_size, generator=generator, device=device)
+    return torch.where(pick > 0.1, stretched, uniform)
+
+
+def forward_av(transformer, video: torch.Tensor, video_t: torch.Tensor, audio: torch.Tensor, audio_t, batch: dict,
+               grid: tuple[int, int, int], sigma: torch.Tensor, with_audio: bool):  # fmt: skip
+    """The audio-video forward: packed video tokens + their timesteps (x1000, [B] or [B, seq]), packed audio tokens
+    [B, T, 128] + timesteps, text contexts from the cached features through the frozen connectors. Without audio the
+    modalities are isolated (no cross-modal attention): the video stream is then what a video-only model computes.
+    Returns (video velocity, audio velocity)."""
+    model = _unwrap(transformer)
+    dtype = model.proj_in.weight.dtype
+    connectors = connectors_of(transformer, video.device, dtype)
+    mask = batch["prompt_attention_mask"]
+    with torch.no_grad():
+        video_ctx, audio_ctx, ctx_mask = run_connectors(connectors, batch["prompt_embeds"].to(dtype), mask)
+    b = video.shape[0]
+    f, h, w = grid
+    if video_t.ndim == 1:
+        video_t = video_t[:, None].expand(b, video.shape[1])
+    out = transformer(
+        hidden_states=video.to(dtype), audio_hidden_states=audio.to(dtype),
+        encoder_hidden_states=video_ctx, audio_encoder_hidden_states=audio_ctx,
+        timestep=video_t, audio_timestep=audio_t, sigma=sigma * 1000.0, audio_sigma=sigma * 1000.0,
+        encoder_attention_mask=ctx_mask, audio_encoder_attention_mask=ctx_mask,
+        num_frames=f, height=h, width=w, fps=float(batch["fps"][0]), audio_num_frames=audio.shape[1],
+        isolate_modalities=not with_audio, return_dict=False,
+    )  # fmt: skip
+    return out[0], out[1]
+
+
+def forward(transformer, tokens, timestep, batch: dict, grid, reference_grid=None):
+    """Video-only forward (the `ModelFamily` contract): one silent audio token, modalities isolated."""
+    if reference_grid is not None:
+        raise NotImplementedError("IC-LoRA for LTX-2 is not built yet")
+    audio = torch.zeros(tokens.shape[0], 1, AUDIO_LATENT_CHANNELS * AUDIO_LATENT_MEL, device=tokens.device)
+    t = timestep if timestep.ndim == 1 else timestep.amax(dim=1)
+    return forward_av(transformer, tokens, timestep, audio, t, batch, grid, t / 1000.0, with_audio=False)[0]
+
+
+def training_losses(transformer, batch: dict, generator: torch.Generator, cfg, strategy) -> dict[str, torch.Tensor]:
+    """One LTX-2 training forward: the strategy noises the video (first-frame conditioning included) with the
+    official sampler's noise level; the audio (when the batch has it) gets the same level and its own noise;
+    loss = video loss + audio loss, as ltx-trainer. Draw order: video (strategy), then audio noise."""
+    from ..strategies.flow_matching import flow_matching_loss, noisy, velocity
+
+    latents = batch["latents"]
+    _, _, f, h, w = latents.shape
+    x0 = pack_latents(latents.float())
+    shift = scheduler_shift(f * h * w) if cfg.training.timestep_shift else 0.0
+    inputs = strategy.prepare(x0, h * w, shift, generator, cfg.training, None, sampler=sample_sigmas)
+    sigma = inputs.sigmas
+    audio_latents = batch.get("audio_latents")
+    with_audio = audio_latents is not None
+    if with_audio:
+        a0 = pack_audio(audio_latents.float())
+        a_noise = torch.randn(a0.shape, generator=generator, device=generator.device, dtype=a0.dtype)
+        a_tokens, a_target = noisy(a0, a_noise, sigma[:, None, None]), velocity(a0, a_noise)
+    else:
+        a_tokens = torch.zeros(x0.shape[0], 1, AUDIO_LATENT_CHANNELS * AUDIO_LATENT_MEL, device=x0.device)
+    v_pred, a_pred = forward_av(transformer, inputs.tokens, inputs.timestep, a_tokens, sigma * 1000.0, batch,
+                                (f, h, w), sigma, with_audio)  # fmt: skip
+    video_loss = flow_matching_loss(strategy.prediction_for_loss(v_pred, inputs), inputs.target, inputs.loss_mask)
+    if not with_audio:
+        return {"loss": video_loss, "loss_video": video_loss}
+    audio_loss = flow_matching_loss(a_pred, a_target)
+    return {"loss": video_loss + audio_loss, "loss_video": video_loss, "loss_audio": audio_loss}
