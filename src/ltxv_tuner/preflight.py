@@ -47,6 +47,7 @@ def check_flags(only: str | None, resume: str | None, run_dir: str | None) -> No
 def check(cfg: Config, only: str | None = None, resume: str | None = None) -> ResumeTarget | None:
     """All pre-work checks for a pipeline run (not `--only convert`, which needs none of them)."""
     check_flags(only, resume, None)
+    models.family(cfg.model).check_config(cfg)  # what this model family cannot do (e.g. audio on LTXV)
     check_acceleration(cfg)  # an option that cannot run should not cost an encode first
     check_optimizer(cfg)
     check_tracker(cfg)

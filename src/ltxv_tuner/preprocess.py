@@ -98,19 +98,23 @@ def _settings(cfg, dtype: torch.dtype) -> dict:
     """Everything that decides the cache keys; its hash names the manifest. JSON-native (compared after a reload)."""
     ds, pp = cfg.dataset, cfg.dataset.preprocessing
     ident = family(cfg.model).model_identity(cfg.model)
-    return {
-        "buckets": [list(map(int, b)) for b in ds.resolution_buckets],
-        "id_token": (ds.id_token or "").strip() or None,
-        "max_text_length": pp.max_text_length,
-        "caption_encoding": pp.caption_encoding,
-        "frame_sampling": pp.frame_sampling,
-        "frame_policy": FRAME_POLICY,
-        "vae": str(ident["vae"]),
-        "text_encoder": str(ident["text_encoder"]),
-        "dtype": _dtype_name(dtype),
-        "vae_tiling": pp.vae_tiling,
-        "vae_posterior": pp.vae_posterior,
-    } | _reference_settings(cfg) | _audio_settings(cfg, ident)
+    return (
+        {
+            "buckets": [list(map(int, b)) for b in ds.resolution_buckets],
+            "id_token": (ds.id_token or "").strip() or None,
+            "max_text_length": pp.max_text_length,
+            "caption_encoding": pp.caption_encoding,
+            "frame_sampling": pp.frame_sampling,
+            "frame_policy": FRAME_POLICY,
+            "vae": str(ident["vae"]),
+            "text_encoder": str(ident["text_encoder"]),
+            "dtype": _dtype_name(dtype),
+            "vae_tiling": pp.vae_tiling,
+            "vae_posterior": pp.vae_posterior,
+        }
+        | _reference_settings(cfg)
+        | _audio_settings(cfg, ident)
+    )
 
 
 def _audio_settings(cfg, ident: dict) -> dict:
@@ -502,7 +506,9 @@ class _AudioEncoder:
         mel, why = self.fam.clip_audio(item.src.video, item.start, item.bucket[2], fps)
         if mel is None:
             if self.required:
-                raise VideoError(f"{why} (training.audio: on needs audio in every clip; use auto to train it video-only)")
+                raise VideoError(
+                    f"{why} (training.audio: on needs audio in every clip; use auto to train it video-only)"
+                )
             log.debug("%s: %s", item.src.rel, why)
         return mel
 

@@ -34,7 +34,6 @@ from .dataset import BatchOrder, CachedDataset, step_batches
 from .errors import UserError
 from .logs import progress, quiet_libraries, run_log
 from .preflight import QUANT_PACKAGE, check_acceleration, check_tracker
-from .strategies.flow_matching import flow_matching_loss
 
 log = logging.getLogger("ltxv_tuner.training")
 

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import random
 import re
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -100,22 +99,19 @@ def _parts(cfg: Config, dtype: torch.dtype):
     return _PARTS[key]
 
 
-def write_mp4(frames: np.ndarray, path: Path, fps: float = 25) -> Path:
-    """frames: [F, H, W, 3] floats in [0, 1] or uint8; H and W even (LTXV sizes are multiples of 32)."""
-    import av
+def write_mp4(frames: np.ndarray, path: Path, fps: float = 25, audio=None, sample_rate: int | None = None) -> Path:
+    """frames: [F, H, W, 3] floats in [0, 1] or uint8; H and W even (LTX sizes are multiples of 32). `audio`:
+    [channels, samples] in [-1, 1] at `sample_rate`, muxed in as an AAC track (LTX-2)."""
+    from .video import write_video
 
     if frames.dtype != np.uint8:
         frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.mp4")
-    with av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(str(fps)).limit_denominator(1001))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())
+    if audio is None:
+        write_video(tmp, frames, fps)
+    else:
+        write_video(tmp, frames, fps, audio=torch.as_tensor(audio), sample_rate=sample_rate)
     tmp.replace(path)
     return path
 
@@ -154,53 +150,6 @@ def write_sidecar(mp4: Path, record: dict) -> Path:
     text = yaml.safe_dump(record, sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None)
     path.write_text(text, encoding="utf-8")
     return path
-
-
-@contextlib.contextmanager
-def _quiet_scheduler():
-    """The scheduler warns that timesteps come without sigmas; here they are the exact sigmas x 1000, by design."""
-    logger = logging.getLogger("diffusers.schedulers.scheduling_flow_match_euler_discrete")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _render(pipe, cfg: Config, s: dict, texts: dict, image, generator) -> np.ndarray:
-    """One video [F, H, W, 3] floats in [0, 1]. `texts`: the family's encoded prompt (and negative prompt)."""
-    width, height, frames = cfg.validation.video_dims
-    kwargs = {"image": image, "frame_index": 0, "strength": 1.0} if image is not None else {}
-    if "negative" in texts:
-        kwargs |= {
-            "negative_prompt_embeds": texts["negative"][0],
-            "negative_prompt_attention_mask": texts["negative"][1],
-        }
-    with _quiet_scheduler():
-        video = pipe(
-            prompt_embeds=texts["prompt"][0], prompt_attention_mask=texts["prompt"][1],
-            width=width, height=height, num_frames=frames, frame_rate=s["frame_rate"],
-            timesteps=[x * 1000.0 for x in s["sigmas"]], guidance_scale=s["guidance_scale"],
-            decode_timestep=s["decode_timestep"], decode_noise_scale=s["decode_noise_scale"],
-            image_cond_noise_scale=s["image_cond_noise_scale"], generator=generator, output_type="np", **kwargs,
-        ).frames  # fmt: skip
-    return np.asarray(video[0], dtype=np.float32)
-
-
-def _encode_texts(cfg: Config, s: dict, tokenizer, text_encoder, prompt: str, device) -> dict:
-    """The prompt (and, with guidance, the negative prompt) as the training cache encodes captions."""
-    fam = family(cfg.model)
-    texts = {"prompt": prompt}
-    if s["guidance_scale"] > 1.0:
-        texts["negative"] = cfg.validation.negative_prompt
-    out = {}
-    for key, text in texts.items():
-        emb, mask = fam.encode_captions(
-            tokenizer, text_encoder, [text], s["max_text_length"], device, s["caption_encoding"]
-        )
-        out[key] = (emb, mask.to(device))
-    return out
 
 
 def _record(cfg: Config, s: dict, step: int, prompt: str, index: int, seed: int) -> dict:
@@ -257,7 +206,8 @@ def _render_all(
         return _render_ic_lora(cfg, transformer, (vae, tokenizer, text_encoder), run_dir, step, autocast_dtype)
     images = load_images(cfg)
     s = render_settings(cfg)
-    pipe = family(cfg.model).validation_pipeline(cfg.model, transformer, vae, tokenizer, text_encoder)
+    fam = family(cfg.model)
+    pipe = fam.validation_pipeline(cfg.model, transformer, vae, tokenizer, text_encoder)
     out_dir = validation_dir(run_dir, step)
     was_training = transformer.training
     transformer.eval()
@@ -266,13 +216,15 @@ def _render_all(
         autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with torch.no_grad(), autocast:
             for i, prompt in enumerate(final_prompts(cfg)):
-                texts = _encode_texts(cfg, s, tokenizer, text_encoder, prompt, device)
+                texts = fam.validation_texts(cfg, s, tokenizer, text_encoder, prompt, device)
                 # One video per call: less memory, and one seed per video.
                 for j in range(v.videos_per_prompt):
                     seed = v.seed + 1000 * i + j
                     generator = torch.Generator(device).manual_seed(seed)
-                    video = _render(pipe, cfg, s, texts, images[i], generator)  # None: text-to-video
-                    path = write_mp4(video, out_dir / f"{i:02d}_{j:02d}_{_slug(prompt)}.mp4", s["frame_rate"])
+                    # images[i] None: text-to-video. audio: the generated track (LTX-2), None for LTXV
+                    video, audio, rate = fam.render_validation(pipe, cfg, s, texts, images[i], generator)
+                    path = out_dir / f"{i:02d}_{j:02d}_{_slug(prompt)}.mp4"
+                    write_mp4(video, path, s["frame_rate"], audio, rate)
                     write_sidecar(path, _record(cfg, s, step, prompt, i, seed))
                     written.append(path)
     finally:

@@ -20,11 +20,14 @@ run the training forward, name keys for ComfyUI/original files, build the valida
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -609,6 +612,11 @@ def forward(
     return transformer(**common, num_frames=f, height=h, width=w, rope_interpolation_scale=rope_scale)[0]
 
 
+def check_config(cfg) -> None:
+    """Settings this family cannot honour, refused before any work."""
+    audio_mode(cfg)
+
+
 def audio_mode(cfg) -> str:
     """LTX-Video 0.9.x has no audio stream: always "off" (training.audio: on is refused)."""
     if cfg.training.audio == "on":
@@ -720,3 +728,49 @@ def validation_pipeline(model_cfg, transformer, vae, tokenizer, text_encoder):
     pipe.video_processor = VideoProcessor(vae_scale_factor=SPATIAL_COMPRESSION)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextlib.contextmanager
+def _quiet_scheduler():
+    """The scheduler warns that timesteps come without sigmas; here they are the exact sigmas x 1000, by design."""
+    logger = logging.getLogger("diffusers.schedulers.scheduling_flow_match_euler_discrete")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def render_validation(pipe, cfg, s: dict, texts: dict, image, generator):
+    """(one video [F, H, W, 3] floats in [0, 1], no audio, None). `texts`: `validation_texts` of the prompt."""
+    width, height, frames = cfg.validation.video_dims
+    kwargs = {"image": image, "frame_index": 0, "strength": 1.0} if image is not None else {}
+    if "negative" in texts:
+        kwargs |= {
+            "negative_prompt_embeds": texts["negative"][0],
+            "negative_prompt_attention_mask": texts["negative"][1],
+        }
+    with _quiet_scheduler():
+        video = pipe(
+            prompt_embeds=texts["prompt"][0], prompt_attention_mask=texts["prompt"][1],
+            width=width, height=height, num_frames=frames, frame_rate=s["frame_rate"],
+            timesteps=[x * 1000.0 for x in s["sigmas"]], guidance_scale=s["guidance_scale"],
+            decode_timestep=s["decode_timestep"], decode_noise_scale=s["decode_noise_scale"],
+            image_cond_noise_scale=s["image_cond_noise_scale"], generator=generator, output_type="np", **kwargs,
+        ).frames  # fmt: skip
+    return np.asarray(video[0], dtype=np.float32), None, None
+
+
+def validation_texts(cfg, s: dict, tokenizer, text_encoder, prompt: str, device) -> dict:
+    """The prompt (and, with guidance, the negative prompt) as the training cache encodes captions."""
+    texts = {"prompt": prompt}
+    if s["guidance_scale"] > 1.0:
+        texts["negative"] = cfg.validation.negative_prompt
+    out = {}
+    for key, text in texts.items():
+        emb, mask = encode_captions(
+            tokenizer, text_encoder, [text], s["max_text_length"], device, s["caption_encoding"]
+        )
+        out[key] = (emb, mask.to(device))
+    return out
