@@ -75,10 +75,12 @@ def test_video_only_forward_does_not_see_the_audio_stream():
     outs = []
     for n_audio in (1, 5):
         audio = torch.randn(b, n_audio, 128)
-        v, _ = ltx2.forward_av(model, tokens, t, audio, t, batch, (f, h, w), t / 1000, with_audio=False)
+        v, _ = ltx2.forward_av(model, tokens, t, audio, t, batch, (f, h, w), (t / 1000, t / 1000), with_audio=False)
         outs.append(v)
     assert torch.equal(outs[0], outs[1])
-    v_joint, _ = ltx2.forward_av(model, tokens, t, torch.randn(b, 5, 128), t, batch, (f, h, w), t / 1000, True)
+    v_joint, _ = ltx2.forward_av(
+        model, tokens, t, torch.randn(b, 5, 128), t, batch, (f, h, w), (t / 1000, t / 1000), True
+    )
     assert not torch.allclose(v_joint, outs[0])
 
 
