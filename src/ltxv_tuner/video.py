@@ -201,10 +201,21 @@ def frames_to_vae_input(frames: torch.Tensor) -> torch.Tensor:
 
 
 def write_video(
-    path: str | Path, frames: torch.Tensor | np.ndarray, fps: float, codec: str = "libx264", crf: int = 18
+    path: str | Path,
+    frames: torch.Tensor | np.ndarray,
+    fps: float,
+    codec: str = "libx264",
+    crf: int = 18,
+    audio: torch.Tensor | np.ndarray | None = None,
+    sample_rate: int = 16000,
 ) -> None:
-    """Write uint8 [F, H, W, 3] frames. Container from the suffix (.mp4/.mkv/.mov/...); even sizes for yuv420p."""
+    """Write uint8 [F, H, W, 3] frames. Container from the suffix (.mp4/.mkv/.mov/...); even sizes for yuv420p.
+
+    audio: an optional float waveform [C, N] in [-1, 1] (C = 1 or 2) at `sample_rate`, muxed next to the video from
+    time 0: AAC, or Opus in .webm (which takes no AAC; Opus runs at 48 kHz, the encoder resamples).
+    """
     path = Path(path)
+    samples = None if audio is None else _audio_samples(audio)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     h, w = arr.shape[1:3]
@@ -213,8 +224,27 @@ def write_video(
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if codec == "libx264":
             stream.options = {"crf": str(crf), "preset": "medium"}
+        audio_stream = None
+        if samples is not None:
+            opus = path.suffix.lower() == ".webm"
+            audio_stream = container.add_stream("libopus" if opus else "aac", rate=48000 if opus else sample_rate)
+            audio_stream.layout = "mono" if samples.shape[0] == 1 else "stereo"
         for img in arr:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if audio_stream is not None:
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=audio_stream.layout.name)
+            frame.sample_rate, frame.pts, frame.time_base = sample_rate, 0, Fraction(1, sample_rate)
+            for packet in audio_stream.encode(frame):  # PyAV cuts it into encoder-sized frames
+                container.mux(packet)
+            for packet in audio_stream.encode():
+                container.mux(packet)
+
+
+def _audio_samples(audio: torch.Tensor | np.ndarray) -> np.ndarray:
+    arr = audio.detach().cpu().float().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio, np.float32)
+    if arr.ndim != 2 or arr.shape[0] not in (1, 2) or arr.shape[1] == 0:
+        raise ValueError(f"audio must be a float waveform [C, N] with C = 1 or 2, got shape {arr.shape}")
+    return np.ascontiguousarray(np.clip(arr, -1.0, 1.0), dtype=np.float32)
