@@ -98,7 +98,10 @@ def _config(tmp_path: Path, data: Path, **sections):
                      "first_frame_conditioning_p": 0.5, "warmup_steps": 1},
         "checkpoints": {"interval": 2, "save_dtype": "fp32"},
     }  # fmt: skip
-    return make_config(tmp_path, **{**raw, **sections})
+    for key, values in sections.items():
+        raw[key] = {**raw.get(key, {}), **values}
+    raw["output_dir"] = str(tmp_path / "outputs")
+    return make_config(tmp_path, **raw)
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +128,9 @@ def _losses(run: Path) -> list[dict]:
 
 
 def test_joint_training_logs_both_losses_and_resumes_bit_exact(tmp_path, ltx2_cache):
-    _, manifest = ltx2_cache
+    data, manifest = ltx2_cache
     straight = tmp_path / "straight"
-    training.train(_config(tmp_path, tmp_path, training={"steps": 4}), straight, manifest)
+    training.train(_config(tmp_path, data, training={"steps": 4}), straight, manifest)
     rows = _losses(straight)
     assert any("loss_audio" in r for r in rows) and all("loss_video" in r for r in rows)
     for r in rows:
@@ -135,8 +138,8 @@ def test_joint_training_logs_both_losses_and_resumes_bit_exact(tmp_path, ltx2_ca
         assert r["loss"] == pytest.approx(parts, rel=1e-5)
 
     resumed = tmp_path / "resumed"
-    training.train(_config(tmp_path, tmp_path, training={"steps": 2}), resumed, manifest)
-    training.train(_config(tmp_path, tmp_path, training={"steps": 4}), resumed, manifest, resume_from=resumed)
+    training.train(_config(tmp_path, data, training={"steps": 2}), resumed, manifest)
+    training.train(_config(tmp_path, data, training={"steps": 4}), resumed, manifest, resume_from=resumed)
     a = trainable_from_checkpoint(straight / "checkpoints" / "step_000004")
     b = trainable_from_checkpoint(resumed / "checkpoints" / "step_000004")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -154,8 +157,8 @@ def test_training_audio_off_trains_video_only(tmp_path):
 
 
 def test_two_process_cpu_run(tmp_path, ltx2_cache):
-    _, manifest = ltx2_cache
-    cfg = _config(tmp_path, tmp_path, training={"distributed": True, "num_processes": 2, "steps": 2})
+    data, manifest = ltx2_cache
+    cfg = _config(tmp_path, data, training={"distributed": True, "num_processes": 2, "steps": 2})
     result = launch.train(cfg, tmp_path / "run", manifest)
     assert result.final_step == 2
     rows = _losses(tmp_path / "run")

@@ -97,7 +97,7 @@ def optimizer_step(
             accelerator.backward(losses["loss"] / n)
         step_loss += losses["loss"].detach()
         if parts is not None:
-            for key, value in losses.items():
+            for key, value in losses.items():  # nan (part absent in this micro-batch) is kept: see _reduce_parts
                 if key != "loss":
                     parts[key] = parts.get(key, 0.0) + value.detach() / n
     max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
@@ -280,6 +280,16 @@ def _tracker_config(cfg: Config) -> dict:
     return flat
 
 
+def _ddp_kwargs(cfg: Config) -> list:
+    """LTX-2: a step's batch without audio leaves the audio stream and the cross-modal attention without gradients
+    on that process (and training.audio: off on every process); data parallel must not wait for them."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if models.family(cfg.model).PARAMETERS_MAY_GO_UNUSED:
+        return [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    return []
+
+
 def make_accelerator(cfg: Config, run_dir: Path | None = None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -298,6 +308,7 @@ def make_accelerator(cfg: Config, run_dir: Path | None = None):
         # (MULTI_CPU); without it each process would train alone as if it were the only one.
         accelerator = Accelerator(
             mixed_precision=mixed,
+            kwargs_handlers=_ddp_kwargs(cfg),
             step_scheduler_with_optimizer=False,
             cpu=not torch.cuda.is_available(),
             log_with=tracker,
@@ -565,16 +576,19 @@ def non_finite_error(row: dict, last_saved: int | None) -> NonFiniteError:
 
 
 def _reduce_parts(accelerator, pending: list[dict]) -> list[dict]:
-    """Per-step loss parts averaged over processes (every process has the same keys: the batches of one step
-    share a bucket, but a part a process's batch lacks, e.g. audio, counts as missing on every process)."""
+    """Per-step loss parts averaged over the processes whose batches had them (a family returns the same keys every
+    step, nan where a batch lacks the part, e.g. audio); a part no process had is left out of the row."""
     keys = sorted({k for r in pending for k in r.get("parts", {})})
     if not keys:
         return [{} for _ in pending]
-    nan = torch.tensor(float("nan"), device=accelerator.device)
-    table = torch.stack([torch.stack([torch.as_tensor(r.get("parts", {}).get(k, nan)).float().reshape(())
-                                      for k in keys]) for r in pending])  # fmt: skip
-    table = accelerator.reduce(table, reduction="mean").tolist()
-    return [{k: v for k, v in zip(keys, row, strict=True) if math.isfinite(v)} for row in table]
+    values = torch.stack([torch.stack([torch.as_tensor(r["parts"][k]).float().reshape(()) for k in keys])
+                          for r in pending])  # fmt: skip
+    present = torch.isfinite(values)
+    sums = accelerator.reduce(torch.where(present, values, torch.zeros_like(values)), reduction="sum")
+    counts = accelerator.reduce(present.float(), reduction="sum")
+    rows = (sums / counts.clamp_min(1)).tolist()
+    return [{k: v for k, v, n in zip(keys, row, cnt, strict=True) if n > 0}
+            for row, cnt in zip(rows, counts.tolist(), strict=True)]  # fmt: skip
 
 
 def _flush_metrics(accelerator, pending: list[dict], path: Path, bar, last_saved: int | None = None) -> float | None:

@@ -21,6 +21,8 @@ from .sources import ModelSource, named_versions, resolve
 class ModelFamily(Protocol):
     """What the stages ask of a model family (module-level functions of models/<family>.py)."""
 
+    PARAMETERS_MAY_GO_UNUSED: bool  # some trainable weights can sit out a step (data parallel must allow it)
+
     # weights: each component from any source the family supports
     def load_transformer(self, model_cfg, dtype=torch.float32, device="cpu"): ...
     def load_vae(self, model_cfg, dtype=torch.float32, device="cpu"): ...

@@ -46,6 +46,9 @@ AUDIO_LATENTS_PER_SECOND = 25  # 16 kHz / hop 160 = 100 mel frames per second, 4
 DEFAULT_MAX_TEXT_LENGTH = 1024  # LTX-2 prompts are left-padded to 1024 Gemma tokens
 
 
+# Data parallel training: a batch without audio leaves the audio stream and cross-modal attention idle.
+PARAMETERS_MAY_GO_UNUSED = True
+
 # --------------------------------------------------------------------------------------------------
 # Text: Gemma -> aggregate projection (cached) -> connectors (each step)
 
@@ -323,7 +326,7 @@ def training_losses(transformer, batch: dict, generator: torch.Generator, cfg, s
     v_pred, a_pred = forward_av(transformer, inputs.tokens, inputs.timestep, a_tokens, a_sigma * 1000.0, batch,
                                 (f, h, w), (inputs.sigmas, a_sigma), with_audio)  # fmt: skip
     video_loss = flow_matching_loss(strategy.prediction_for_loss(v_pred, inputs), inputs.target, inputs.loss_mask)
-    if not with_audio:
-        return {"loss": video_loss, "loss_video": video_loss}
+    if not with_audio:  # the same keys every step: processes reduce the parts together (nan = not in this batch)
+        return {"loss": video_loss, "loss_video": video_loss, "loss_audio": torch.full_like(video_loss, math.nan)}
     audio_loss = flow_matching_loss(a_pred, a_target)
     return {"loss": video_loss + audio_loss, "loss_video": video_loss, "loss_audio": audio_loss}

@@ -237,6 +237,9 @@ def _load_single_file_vae(path: Path, config_dir: Path | None, dtype, device, ke
     return build_from_state(AutoencoderKLLTXVideo, cfg, state, dtype, device)
 
 
+# Data parallel training: every trainable weight takes part in every step.
+PARAMETERS_MAY_GO_UNUSED = False
+
 # --------------------------------------------------------------------------------------------------
 # Public loaders
 
