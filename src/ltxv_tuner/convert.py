@@ -7,10 +7,14 @@ Four LTXV file forms are recognised from their keys alone:
   full, diffusers:  <diffusers module>.weight (no prefix)
   full, ComfyUI:    model.diffusion_model.<original module>.weight (Lightricks' single-file naming)
 
-Alpha: ComfyUI scales a LoRA by alpha/rank when a `.alpha` tensor is present (else by 1.0); diffusers reads alpha
-from the file's metadata and rejects `.alpha` tensors. Each loader gets its own file: the diffusers-format file
+Alpha: ComfyUI scales an LTXV LoRA by alpha/rank when a `.alpha` tensor is present (else by 1.0); diffusers reads
+alpha from the file's metadata and rejects `.alpha` tensors. Each loader gets its own file: the diffusers-format file
 (alpha in metadata) and the ComfyUI twin (`.alpha` tensors, ComfyUI names only: `patchify_proj`, `adaln_single`),
 both carrying lora_A/lora_B exactly as saved, so neither loses precision to folding alpha into lora_B.
+
+The same forms exist for every model family, each with its own module names (`models/<family>_keys.py`, picked from
+the file's metadata or names: `models.keys_of_file`). LTX-2's twin is the official trainer's format: official module
+names, alpha/rank folded into lora_B, no `.alpha` keys (ltx-core applies B @ A at the user's strength).
 """
 
 from __future__ import annotations
@@ -36,15 +40,16 @@ from .checkpoints import (
 )
 from .errors import UserError
 from .logs import quiet_libraries
-from .models import ltxv_keys as keys
+from .models import keys_of_file
+from .models import ltxv_keys as keys  # the default family's names; a file's own come from `keys_of_file`
 
 log = logging.getLogger("ltxv_tuner.convert")
 KOHYA_PREFIX = "lora_unet_"
 
-# Top-level modules of the LTXV transformer, in each naming (used to tell an LTXV file from anything else).
-DIFFUSERS_TOP = {"transformer_blocks", "proj_in", "time_embed", "caption_projection", "proj_out", "scale_shift_table"}
-ORIGINAL_TOP = {keys.DIFFUSERS_TO_ORIGINAL.get(n, n) for n in DIFFUSERS_TOP}
-_KOHYA_TOPS = tuple(sorted(n.replace(".", "_") for n in DIFFUSERS_TOP | ORIGINAL_TOP))
+
+def _kohya_tops(km) -> tuple[str, ...]:
+    return tuple(sorted(n.replace(".", "_") for n in km.DIFFUSERS_TOP | km.ORIGINAL_TOP))
+
 
 _LORA_SUFFIXES = (
     (".lora_A.weight", "A"),
@@ -105,41 +110,48 @@ def _top(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def detect_form(tensor_keys, path: Path | str = "file") -> str:
-    """Which LTXV form a file's keys are in (one of the *_DIFFUSERS / *_COMFY / ... constants), or UserError."""
+def _lora_form(modules: set[str], path, km) -> str:
+    if all(m.startswith(km.DIFFUSERS_LORA_PREFIX) for m in modules):
+        if {_top(m.removeprefix(km.DIFFUSERS_LORA_PREFIX)) for m in modules} <= km.DIFFUSERS_TOP:
+            return LORA_DIFFUSERS
+    elif all(m.startswith(km.COMFY_LORA_PREFIX) for m in modules):
+        if {_top(m.removeprefix(km.COMFY_LORA_PREFIX)) for m in modules} <= km.ORIGINAL_TOP | km.DIFFUSERS_TOP:
+            return LORA_COMFY
+    elif all(m.startswith(KOHYA_PREFIX) for m in modules):
+        # kohya flattens dots to underscores: lora_unet_transformer_blocks_0_attn1_to_q (not an SD UNet's
+        # lora_unet_down_blocks_0_...)
+        if all(m.removeprefix(KOHYA_PREFIX).startswith(_kohya_tops(km)) for m in modules):
+            return LORA_KOHYA
+    elif {_top(m) for m in modules} <= km.DIFFUSERS_TOP:
+        return LORA_DIFFUSERS  # peft/diffusers `save_lora_adapter` without the "transformer." prefix
+    prefixes = sorted({_top(m) + "." for m in modules})[:4]
+    raise UserError(
+        f"{path}: LoRA keys that are not LTXV transformer LoRA keys (prefixes {', '.join(prefixes)}); "
+        "expected transformer.*, diffusion_model.* or lora_unet_transformer_blocks_* (kohya)"
+    )
+
+
+def detect_form(tensor_keys, path: Path | str = "file", km=None) -> str:
+    """Which form a file's keys are in (one of the *_DIFFUSERS / *_COMFY / ... constants), or UserError.
+    `km`: the family's keys module (default: the family the names belong to)."""
     names = [keys.strip_compile_prefix(k) for k in tensor_keys]
     if not names:
         raise UserError(f"{path}: holds no tensors, so it is neither an LTXV LoRA nor an LTXV transformer")
+    km = km or keys_of_file(names)
     split = [_split_lora_key(k) for k in names]
     if all(split):
-        modules = {m for m, _ in split}
-        if all(m.startswith(keys.DIFFUSERS_LORA_PREFIX) for m in modules):
-            tops = {_top(m.removeprefix(keys.DIFFUSERS_LORA_PREFIX)) for m in modules}
-            if tops <= DIFFUSERS_TOP:
-                return LORA_DIFFUSERS
-        elif all(m.startswith(keys.COMFY_LORA_PREFIX) for m in modules):
-            if {_top(m.removeprefix(keys.COMFY_LORA_PREFIX)) for m in modules} <= ORIGINAL_TOP | DIFFUSERS_TOP:
-                return LORA_COMFY
-        elif all(m.startswith(KOHYA_PREFIX) for m in modules):
-            # kohya flattens dots to underscores: lora_unet_transformer_blocks_0_attn1_to_q (not an SD UNet's
-            # lora_unet_down_blocks_0_...)
-            if all(m.removeprefix(KOHYA_PREFIX).startswith(_KOHYA_TOPS) for m in modules):
-                return LORA_KOHYA
-        elif {_top(m) for m in modules} <= DIFFUSERS_TOP:
-            return LORA_DIFFUSERS  # peft/diffusers `save_lora_adapter` without the "transformer." prefix
-        prefixes = sorted({_top(m) + "." for m in modules})[:4]
-        raise UserError(
-            f"{path}: LoRA keys that are not LTXV transformer LoRA keys (prefixes {', '.join(prefixes)}); "
-            "expected transformer.*, diffusion_model.* or lora_unet_transformer_blocks_* (kohya)"
-        )
-    full_original = [k for k in names if k.startswith(keys.ORIGINAL_TRANSFORMER_PREFIX)]
-    if full_original and _looks_like_transformer(full_original, keys.ORIGINAL_TRANSFORMER_PREFIX, original=True):
+        return _lora_form({m for m, _ in split}, path, km)
+    prefix = km.ORIGINAL_TRANSFORMER_PREFIX
+    full_original = [
+        k for k in names if k.startswith(prefix) and _top(k.removeprefix(prefix)) not in km.NOT_TRANSFORMER_TOP
+    ]
+    if full_original and _looks_like_transformer(full_original, prefix, True, km):
         return FULL_ORIGINAL
-    if _looks_like_transformer(names, keys.COMFY_LORA_PREFIX, original=True):
+    if _looks_like_transformer(names, km.COMFY_LORA_PREFIX, True, km):
         return FULL_ORIGINAL
-    if _looks_like_transformer(names, "", original=True):
+    if _looks_like_transformer(names, "", True, km):
         return FULL_ORIGINAL
-    if _looks_like_transformer(names, "", original=False):
+    if _looks_like_transformer(names, "", False, km):
         return FULL_DIFFUSERS
     lora_like = sum(1 for s in split if s)
     what = f"{lora_like} of {len(names)} keys look like LoRA keys" if lora_like else f"e.g. {names[0]!r}"
@@ -149,13 +161,13 @@ def detect_form(tensor_keys, path: Path | str = "file") -> str:
     )
 
 
-def _looks_like_transformer(names: list[str], prefix: str, original: bool) -> bool:
+def _looks_like_transformer(names: list[str], prefix: str, original: bool, km) -> bool:
     present = set(names)
     patchify = "patchify_proj" if original else "proj_in"
     needed = (f"{prefix}{patchify}.weight", f"{prefix}transformer_blocks.0.attn1.to_q.weight")
     if not all(n in present for n in needed):
         return False
-    top = ORIGINAL_TOP if original else DIFFUSERS_TOP
+    top = km.ORIGINAL_TOP if original else km.DIFFUSERS_TOP
     return all(n.startswith(prefix) and _top(n[len(prefix) :]) in top for n in names)
 
 
@@ -209,56 +221,67 @@ def _diffusers_lora_scales(modules: dict[str, LoraModule], metadata: dict[str, s
     return scales
 
 
-def _kohya_name_table(modules: list[str]) -> dict[str, str]:
+def _kohya_name_table(modules: list[str], km) -> dict[str, str]:
     """kohya `lora_unet_transformer_blocks_0_attn1_to_q` -> original dotted name, from the real module tree."""
-    from diffusers import LTXVideoTransformer3DModel
-
     blocks = [int(m) for name in modules for m in re.findall(r"^transformer_blocks_(\d+)_", name)]
     with torch.device("meta"):
-        model = LTXVideoTransformer3DModel(num_layers=max(blocks, default=0) + 1)
+        model = km.transformer_class()(num_layers=max(blocks, default=0) + 1)
     table = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            original = keys.diffusers_to_original(name)
+            original = km.diffusers_to_original(name)
             table[original.replace(".", "_")] = original
     return table
 
 
-def _comfy_lora_to_original_names(tensors, form, path) -> dict[str, LoraModule]:
+def _comfy_lora_to_original_names(tensors, form, path, km) -> dict[str, LoraModule]:
     if form == LORA_KOHYA:
         modules = _lora_modules(tensors, KOHYA_PREFIX, path)
-        table = _kohya_name_table(list(modules))
+        table = _kohya_name_table(list(modules), km)
         unknown = [m for m in modules if m not in table]
         if unknown:
             raise UserError(f"{path}: kohya LoRA module {KOHYA_PREFIX}{unknown[0]} is not a Linear layer of LTXV")
         return {table[m]: mod for m, mod in modules.items()}
-    return _lora_modules(tensors, keys.COMFY_LORA_PREFIX, path)
+    return _lora_modules(tensors, km.COMFY_LORA_PREFIX, path)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype or t.dtype).contiguous()
 
 
-def lora_to_comfy(tensors, metadata, path, dtype=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The ComfyUI twin: every module under its ComfyUI name only (the keys ComfyUI's LTXV map consumes, so it logs
-    no "lora key not loaded"), lora_A/lora_B exactly as trained (cast only when `dtype` asks), and the strength in a
-    float32 `.alpha` per module, which ComfyUI divides by the rank: no rounding beyond the file's own dtype."""
-    modules = _lora_modules(tensors, keys.DIFFUSERS_LORA_PREFIX, path)
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    return t if scale == 1.0 else (t.float() * scale).to(t.dtype)
+
+
+def lora_to_comfy(tensors, metadata, path, dtype=None, km=keys) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The ComfyUI twin: every module under its ComfyUI/original name only (the keys ComfyUI's map consumes, so it
+    logs no "lora key not loaded"). LTXV: lora_A/lora_B exactly as trained (cast only when `dtype` asks) and the
+    strength in a float32 `.alpha` per module, which ComfyUI divides by the rank: no rounding beyond the file's own
+    dtype. Families whose loaders take no alpha (`km.FOLD_LORA_ALPHA`, LTX-2): alpha/rank multiplied into lora_B (in
+    float32, then the file's dtype) and no `.alpha` key."""
+    modules = _lora_modules(tensors, km.DIFFUSERS_LORA_PREFIX, path)
     scales = _diffusers_lora_scales(modules, metadata, path)
     out = {}
     for m, mod in modules.items():
-        key = f"{keys.COMFY_LORA_PREFIX}{keys.diffusers_to_original(m)}"
+        key = f"{km.COMFY_LORA_PREFIX}{km.diffusers_to_original(m)}"
         out[f"{key}.lora_A.weight"] = _cast(mod.down, dtype)
-        out[f"{key}.lora_B.weight"] = _cast(mod.up, dtype)
-        out[f"{key}.alpha"] = torch.tensor(scales[m] * mod.rank, dtype=torch.float32)
+        if km.FOLD_LORA_ALPHA:
+            out[f"{key}.lora_B.weight"] = _cast(_scaled(mod.up, scales[m]), dtype)
+        else:
+            out[f"{key}.lora_B.weight"] = _cast(mod.up, dtype)
+            out[f"{key}.alpha"] = torch.tensor(scales[m] * mod.rank, dtype=torch.float32)
     meta = {k: v for k, v in metadata.items() if k != export.LORA_ADAPTER_METADATA_KEY}
+    if km.FOLD_LORA_ALPHA:
+        meta[f"{export.META_PREFIX}alpha_folded_into_lora_B"] = "true"
     return out, meta
 
 
-def lora_to_diffusers(tensors, metadata, form, path, dtype=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def lora_to_diffusers(
+    tensors, metadata, form, path, dtype=None, km=keys
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     renamed: dict[str, LoraModule] = {}
-    for m, mod in _comfy_lora_to_original_names(tensors, form, path).items():
-        target = keys.original_to_diffusers(m)
+    for m, mod in _comfy_lora_to_original_names(tensors, form, path, km).items():
+        target = km.original_to_diffusers(m)
         prev = renamed.get(target)
         if prev is not None:  # a module under both names (older twins carried proj_in/time_embed twice): must agree
             if not (torch.equal(prev.down, mod.down) and torch.equal(prev.up, mod.up) and prev.alpha == mod.alpha):
@@ -275,8 +298,8 @@ def lora_to_diffusers(tensors, metadata, form, path, dtype=None) -> tuple[dict[s
         up = mod.up
         if not uniform and mod.alpha is not None and mod.alpha != mod.rank:
             up = (up.float() * (mod.alpha / mod.rank)).to(dtype or up.dtype)
-        out[f"{keys.DIFFUSERS_LORA_PREFIX}{m}.lora_A.weight"] = _cast(mod.down, dtype)
-        out[f"{keys.DIFFUSERS_LORA_PREFIX}{m}.lora_B.weight"] = _cast(up, dtype)
+        out[f"{km.DIFFUSERS_LORA_PREFIX}{m}.lora_A.weight"] = _cast(mod.down, dtype)
+        out[f"{km.DIFFUSERS_LORA_PREFIX}{m}.lora_B.weight"] = _cast(up, dtype)
     meta = dict(metadata)
     if uniform:
         # Alpha goes into the metadata diffusers reads (as LTXPipeline.save_lora_weights writes it).
@@ -295,36 +318,41 @@ def lora_to_diffusers(tensors, metadata, form, path, dtype=None) -> tuple[dict[s
 # Full transformer
 
 
-def full_to_comfy(tensors, dtype=None) -> dict[str, torch.Tensor]:
-    return {
-        keys.ORIGINAL_TRANSFORMER_PREFIX + keys.diffusers_to_original(k): _cast(v, dtype) for k, v in tensors.items()
-    }
+def full_to_comfy(tensors, dtype=None, km=keys) -> dict[str, torch.Tensor]:
+    return {km.ORIGINAL_TRANSFORMER_PREFIX + km.diffusers_to_original(k): _cast(v, dtype) for k, v in tensors.items()}
 
 
-def full_comfy_metadata(metadata: dict[str, str], base_metadata: dict[str, str] | None, path) -> dict[str, str]:
+def full_comfy_metadata(
+    metadata: dict[str, str], base_metadata: dict[str, str] | None, path, km=keys
+) -> dict[str, str]:
     """The twin's metadata: the base single file's (its Lightricks `config` included), then the source's; when no
     base `config` exists (tiny, diffusers folder, own fine-tune), one made from the transformer config the source
     carries, so ComfyUI's checkpoint loader sizes the model whatever its heads and width."""
     meta = {**(base_metadata or {}), **metadata}
     own = metadata.get(export.TRANSFORMER_CONFIG_KEY)
-    if keys.LIGHTRICKS_CONFIG_KEY not in meta and own:
+    if km.LIGHTRICKS_CONFIG_KEY not in meta and own:
         try:
             config = json.loads(own)
         except json.JSONDecodeError:
             config = None
         if not isinstance(config, dict):
             raise UserError(f"{path}: metadata {export.TRANSFORMER_CONFIG_KEY!r} is not a JSON config (damaged file)")
-        meta[keys.LIGHTRICKS_CONFIG_KEY] = keys.lightricks_config(config)
+        meta[km.LIGHTRICKS_CONFIG_KEY] = km.lightricks_config(config)
     return meta
 
 
-def full_to_diffusers(tensors, dtype=None) -> dict[str, torch.Tensor]:
-    for prefix in (keys.ORIGINAL_TRANSFORMER_PREFIX, keys.COMFY_LORA_PREFIX, ""):
-        selected = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+def full_to_diffusers(tensors, dtype=None, km=keys) -> dict[str, torch.Tensor]:
+    for prefix in (km.ORIGINAL_TRANSFORMER_PREFIX, km.COMFY_LORA_PREFIX, ""):
+        selected = {
+            k.removeprefix(prefix): v
+            for k, v in tensors.items()
+            if k.startswith(prefix) and _top(k.removeprefix(prefix)) not in km.NOT_TRANSFORMER_TOP
+        }
         if "patchify_proj.weight" in {keys.strip_compile_prefix(k) for k in selected}:
             break
-    # Other parts of a whole single-file checkpoint (vae.*, text encoders) are not the transformer: left out.
-    return {keys.original_to_diffusers(keys.strip_compile_prefix(k)): _cast(v, dtype) for k, v in selected.items()}
+    # Other parts of a whole single-file checkpoint (vae.*, text encoders, LTX-2's text connectors) are not the
+    # transformer: left out.
+    return {km.original_to_diffusers(keys.strip_compile_prefix(k)): _cast(v, dtype) for k, v in selected.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,7 +383,8 @@ def convert_file(
         raise UserError(f"convert: save dtype {save_dtype!r} is unknown (use one of {', '.join(export.SAVE_DTYPES)})")
     src = Path(src)
     tensors, metadata = read_safetensors(src)
-    form = detect_form(tensors, src)
+    km = keys_of_file(tensors, metadata)
+    form = detect_form(tensors, src, km)
     if to == "comfy" and form in COMFY_FORMS:
         raise AlreadyConverted(f"{src}: already in ComfyUI form ({form}); nothing to convert")
     if to == "diffusers" and form not in COMFY_FORMS:
@@ -372,22 +401,20 @@ def convert_file(
     dtype = export.SAVE_DTYPES[save_dtype] if save_dtype else None
 
     if form == LORA_DIFFUSERS:
-        out, meta = lora_to_comfy(tensors, metadata, src, dtype)
+        out, meta = lora_to_comfy(tensors, metadata, src, dtype, km)
     elif form in (LORA_COMFY, LORA_KOHYA):
-        out, meta = lora_to_diffusers(tensors, metadata, form, src, dtype)
+        out, meta = lora_to_diffusers(tensors, metadata, form, src, dtype, km)
     elif form == FULL_DIFFUSERS:
-        out, meta = full_to_comfy(tensors, dtype), full_comfy_metadata(metadata, base_metadata, src)
+        out, meta = full_to_comfy(tensors, dtype, km), full_comfy_metadata(metadata, base_metadata, src, km)
     else:
-        out, meta = full_to_diffusers(tensors, dtype), dict(metadata)
+        out, meta = full_to_diffusers(tensors, dtype, km), dict(metadata)
     if not out:
         raise UserError(f"{src}: no key matched the {form} layout; nothing to write")
     meta = {k: v for k, v in meta.items() if isinstance(v, str)}
     meta["format"] = "pt"
     meta[f"{export.META_PREFIX}key_format"] = to
     meta[f"{export.META_PREFIX}converted_from"] = src.name
-    meta["modelspec.implementation"] = (
-        export.IMPLEMENTATION_ORIGINAL if to == "comfy" else export.IMPLEMENTATION_DIFFUSERS
-    )
+    meta["modelspec.implementation"] = km.IMPLEMENTATION_ORIGINAL if to == "comfy" else export.IMPLEMENTATION_DIFFUSERS
     return export.write_safetensors(dst, out, meta)
 
 
@@ -461,7 +488,8 @@ def _form_of_file(path: Path) -> str:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return detect_form(list(f.keys()), path)
+            names = list(f.keys())
+            return detect_form(names, path, keys_of_file(names, f.metadata()))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 

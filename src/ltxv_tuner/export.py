@@ -3,8 +3,9 @@
 The layout is fixed in docs/DESIGN.md:
     checkpoints/step_000250/ltxv_lora_step_000250.safetensors         (LoRA, diffusers keys, alpha in metadata)
     checkpoints/step_000250/ltxv_transformer_step_000250.safetensors  (full fine-tune, diffusers names)
-`convert.py` turns either into its ComfyUI twin. Files are written to a temp name and renamed, so a killed run
-never leaves half a weight file under the final name.
+`convert.py` turns either into its ComfyUI twin (the family's key names: `models/<family>_keys.py`). Files are written
+to a temp name and renamed, so a killed run never leaves half a weight file under the final name. The family goes into
+the metadata (`ltxv_tuner.family`), so a converter knows it even for a LoRA whose module names two families share.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from . import PROJECT_NAME, __version__
 from .cache import atomic_write
 from .checkpoints import weights_file_name
 from .errors import UserError
+from .models import FAMILY_METADATA_KEY, family_keys
 from .models import ltxv_keys as keys
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,9 +30,10 @@ SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 # diffusers reads the LoRA's alpha/rank from this metadata key (a JSON dict with keys "transformer.<field>").
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 META_PREFIX = "ltxv_tuner."
-MODELSPEC_ARCHITECTURE = "ltx-video"  # sai model spec; LoRAs get the spec's "/lora" suffix
+FAMILY_KEY = FAMILY_METADATA_KEY  # the model family (models/<family>.py) a weight file belongs to
+MODELSPEC_ARCHITECTURE = keys.MODELSPEC_ARCHITECTURE  # LTXV's; each family's keys module has its own
 IMPLEMENTATION_DIFFUSERS = "diffusers"
-IMPLEMENTATION_ORIGINAL = "https://github.com/Lightricks/LTX-Video"  # ComfyUI uses Lightricks' naming
+IMPLEMENTATION_ORIGINAL = keys.IMPLEMENTATION_ORIGINAL
 
 
 def _target(path: str | Path, default_name: str) -> Path:
@@ -71,6 +74,7 @@ def save_dtype(cfg) -> torch.dtype:
 def training_metadata(cfg, step: int) -> dict[str, str]:
     """Metadata stored in every exported file: what was trained, on what, by which tool (all values str)."""
     lora = cfg.model.training_mode == "lora"
+    model_family = cfg.model.source.family
     buckets = [list(b) for b in cfg.dataset.resolution_buckets]
     w, h, _ = buckets[0]
     title = f"{PROJECT_NAME} {'LoRA' if lora else 'fine-tune'} step {step}"
@@ -78,7 +82,7 @@ def training_metadata(cfg, step: int) -> dict[str, str]:
         title += f" ({cfg.dataset.id_token})"
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE + ("/lora" if lora else ""),
+        "modelspec.architecture": family_keys(model_family).MODELSPEC_ARCHITECTURE + ("/lora" if lora else ""),
         "modelspec.implementation": IMPLEMENTATION_DIFFUSERS,
         "modelspec.title": title,
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -86,6 +90,7 @@ def training_metadata(cfg, step: int) -> dict[str, str]:
         f"{META_PREFIX}project": PROJECT_NAME,
         f"{META_PREFIX}version": __version__,
         f"{META_PREFIX}base_model": str(cfg.model.model_source),
+        FAMILY_KEY: model_family,
         f"{META_PREFIX}training_mode": cfg.model.training_mode,
         f"{META_PREFIX}strategy": cfg.training.strategy,
         f"{META_PREFIX}steps": str(step),

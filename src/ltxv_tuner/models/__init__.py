@@ -62,4 +62,39 @@ def family(model_cfg) -> ModuleType:
     return importlib.import_module(f"{__name__}.{model_cfg.source.family}")
 
 
-__all__ = ["ModelFamily", "ModelSource", "family", "named_versions", "resolve"]
+# Every family, first the default one (a file whose names fit several is taken as the first's).
+FAMILIES = ("ltxv", "ltx2")
+FAMILY_METADATA_KEY = "ltxv_tuner.family"  # written by export.training_metadata into every weight file
+
+
+def family_keys(name: str) -> ModuleType:
+    """The key-name module of a family (`models/<family>_keys.py`): diffusers <-> original/ComfyUI names, how its
+    ComfyUI LoRA carries alpha, the `config` metadata of its single files. Export and convert ask it; they never
+    branch on the family's name."""
+    return importlib.import_module(f"{__name__}.{name}_keys")
+
+
+def keys_of_file(tensor_keys, metadata: dict | None = None) -> ModuleType:
+    """The key-name module of the family a weight file belongs to: the family this tool wrote into its metadata,
+    else the one whose distinct module names the file holds, else the default family."""
+    named = (metadata or {}).get(FAMILY_METADATA_KEY)
+    if named in FAMILIES:
+        return family_keys(named)
+    names = list(tensor_keys)
+    for name in FAMILIES[1:]:
+        if family_keys(name).is_family_file(names):
+            return family_keys(name)
+    return family_keys(FAMILIES[0])
+
+
+__all__ = [
+    "FAMILIES",
+    "FAMILY_METADATA_KEY",
+    "ModelFamily",
+    "ModelSource",
+    "family",
+    "family_keys",
+    "keys_of_file",
+    "named_versions",
+    "resolve",
+]

@@ -45,8 +45,8 @@ def _is_network_error(err: Exception) -> bool:
     return isinstance(err, OSError) or mod in ("httpx", "httpx2", "httpcore", "requests", "urllib3", "huggingface_hub")
 
 
-def hub_error(repo: str, what: str, reason: str, key: str = "model.model_source") -> UserError:
-    fix = (
+def hub_error(repo: str, what: str, reason: str, key: str = "model.model_source", fix: str | None = None) -> UserError:
+    fix = fix or (
         "set model.text_encoder to a local folder with text_encoder/ + tokenizer/ (or a T5 folder)"
         if key == "model.text_encoder"
         else "point model.model_source at a local .safetensors file or diffusers folder"
@@ -57,7 +57,7 @@ def hub_error(repo: str, what: str, reason: str, key: str = "model.model_source"
     )
 
 
-def _probe_hub(repo: str, filename: str, what: str, key: str = "model.model_source") -> None:
+def _probe_hub(repo: str, filename: str, what: str, key: str = "model.model_source", fix: str | None = None) -> None:
     """One HEAD request without retries, so a machine without network fails in seconds, not minutes."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
@@ -74,7 +74,7 @@ def _probe_hub(repo: str, filename: str, what: str, key: str = "model.model_sour
             reason = "file not found in the repo (HTTP 404)"
         else:
             reason = f"no connection: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip()
-        raise hub_error(repo, what, reason, key) from None
+        raise hub_error(repo, what, reason, key, fix) from None
 
 
 def hf_file(repo: str, filename: str) -> Path:
@@ -98,9 +98,9 @@ def hf_file(repo: str, filename: str) -> Path:
         raise hub_error(repo, filename, f"{type(err).__name__}: {err}".splitlines()[0]) from None
 
 
-def hf_folder(repo: str, patterns: list[str], complete, what: str, key: str) -> Path:
+def hf_folder(repo: str, patterns: list[str], complete, what: str, key: str, fix: str | None = None) -> Path:
     """The files of `repo` matching `patterns` (a snapshot folder), from the cache or downloaded once.
-    `complete(folder) -> bool` says whether a cached snapshot has what is needed."""
+    `complete(folder) -> bool` says whether a cached snapshot has what is needed; `fix`: how to do without the hub."""
     from huggingface_hub import snapshot_download
 
     kwargs = dict(allow_patterns=patterns, revision=HF_REVISION, cache_dir=str(cache_dir()))
@@ -112,11 +112,11 @@ def hf_folder(repo: str, patterns: list[str], complete, what: str, key: str) -> 
         if not _is_network_error(err):
             raise
     if _hf_offline():
-        raise hub_error(repo, what, "HF_HUB_OFFLINE is set and it is not in the HF cache", key)
-    _probe_hub(repo, patterns[0].replace("*", "config.json"), what, key)
+        raise hub_error(repo, what, "HF_HUB_OFFLINE is set and it is not in the HF cache", key, fix)
+    _probe_hub(repo, patterns[0].replace("*", "config.json"), what, key, fix)
     try:
         return Path(snapshot_download(repo, endpoint=_hf_endpoint(), **kwargs))
     except Exception as err:
         if not _is_network_error(err):
             raise
-        raise hub_error(repo, what, f"{type(err).__name__}: {err}".splitlines()[0], key) from None
+        raise hub_error(repo, what, f"{type(err).__name__}: {err}".splitlines()[0], key, fix) from None

@@ -23,6 +23,22 @@ COMFY_LORA_PREFIX = "diffusion_model."  # ComfyUI LTXV LoRA keys
 DIFFUSERS_LORA_PREFIX = "transformer."  # diffusers LoRA keys
 COMPILE_PREFIX = "_orig_mod."  # torch.compile wrapper
 
+# Top-level modules of the LTXV transformer, in each naming (what export/convert accept as an LTXV file).
+DIFFUSERS_TOP = {"transformer_blocks", "proj_in", "time_embed", "caption_projection", "proj_out", "scale_shift_table"}
+ORIGINAL_TOP = {DIFFUSERS_TO_ORIGINAL.get(n, n) for n in DIFFUSERS_TOP}
+NOT_TRANSFORMER_TOP: frozenset[str] = frozenset()  # modules under the transformer prefix that are not the transformer
+MODELSPEC_ARCHITECTURE = "ltx-video"  # sai model spec; LoRAs get the spec's "/lora" suffix
+IMPLEMENTATION_ORIGINAL = "https://github.com/Lightricks/LTX-Video"  # ComfyUI uses Lightricks' naming
+# ComfyUI's LTXV LoRA loader scales by a `.alpha` tensor / rank, so the twin keeps the factors as trained and carries
+# alpha; ComfyUI's key map consumes `diffusion_model.<original module>.lora_A/B.weight` + `.alpha`.
+FOLD_LORA_ALPHA = False
+
+
+def transformer_class():
+    from diffusers import LTXVideoTransformer3DModel
+
+    return LTXVideoTransformer3DModel
+
 
 def _rename_segments(name: str, table: dict[str, str]) -> str:
     return ".".join(table.get(seg, seg) for seg in name.split("."))

@@ -4,6 +4,9 @@
 - a named version (`LTXV_13B_097_DEV`, ...; case, `_`, `.` and `-` do not matter) -> one file of a Hugging Face
   repo, listed with its shipped configs in `model_configs/versions.json`;
 - a local `*.safetensors` single file, or a local diffusers folder.
+
+The family of a named version is its `versions.json` entry's "family" (default ltxv); of a local file or folder it is
+read from the safetensors header's names / the transformer config's class (headers only, no weights).
 """
 
 from __future__ import annotations
@@ -65,6 +68,38 @@ def missing_path_error(key: str, path: Path, what: str) -> UserError:
     return UserError(f"{key}: {path} does not exist (give the path to {what})")
 
 
+# The transformer class of a diffusers folder -> its family (anything else: ltxv, whose loader explains a mismatch).
+_DIFFUSERS_CLASS_FAMILY = {"LTX2VideoTransformer3DModel": "ltx2"}
+
+
+def _folder_family(path: Path) -> str:
+    try:
+        config = json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "ltxv"  # the family's loader reports the unreadable config
+    return _DIFFUSERS_CLASS_FAMILY.get(config.get("_class_name") if isinstance(config, dict) else None, "ltxv")
+
+
+def header_keys(path: Path) -> list[str]:
+    """Tensor names of a safetensors file from its JSON header alone (8-byte length + JSON; nothing else read).
+    [] for a file too short or damaged to have one: the family's loader then reports it."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return []
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return []
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+
+
+def _file_family(path: Path) -> str:
+    from . import ltx2_keys
+
+    return "ltx2" if ltx2_keys.is_ltx2_file(header_keys(path)) else "ltxv"
+
+
 def resolve(text: str) -> ModelSource:
     """Describe a `model.model_source` string (no download, no weights read); UserError for unknown names/paths.
     Config objects call this once (`ModelConfig.source`)."""
@@ -84,24 +119,26 @@ def resolve(text: str) -> ModelSource:
             filename=entry["filename"],
             revision=HF_REVISION,
             config_dir=MODEL_CONFIGS / entry["configs"],
+            family=entry.get("family", "ltxv"),
         )
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "transformer" / "config.json").is_file():
             raise UserError(
-                f"model.model_source: folder {path} is not a diffusers LTXV folder (no transformer/config.json); "
-                "give a folder with transformer/ and vae/ subfolders, or a single .safetensors file"
+                f"model.model_source: folder {path} is not a diffusers LTXV or LTX-2 folder (no "
+                "transformer/config.json); give a folder with transformer/ and vae/ subfolders, or a single "
+                ".safetensors file"
             )
-        return ModelSource(kind="diffusers", text=text, path=path.resolve())
+        return ModelSource(kind="diffusers", text=text, path=path.resolve(), family=_folder_family(path))
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise UserError(
                 f"model.model_source: {path} is not a .safetensors file (only safetensors single files are read; "
                 "pickled .ckpt/.pt/.bin files are not loaded for safety)"
             )
-        return ModelSource(kind="single_file", text=text, path=path.resolve())
+        return ModelSource(kind="single_file", text=text, path=path.resolve(), family=_file_family(path))
     if _looks_like_path(text):
-        raise missing_path_error("model.model_source", path, "an LTXV .safetensors file or a diffusers folder")
+        raise missing_path_error("model.model_source", path, "an LTXV or LTX-2 .safetensors file or a diffusers folder")
     close = difflib.get_close_matches(text.upper(), named_versions(), n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}? " if close else ""
     raise UserError(
