@@ -149,14 +149,15 @@ class ModelConfig(_Section):
         "LTXV_13B_097_DEV",
         description="A named version (LTXV_13B_098_DEV, LTXV_13B_098_DISTILLED, LTXV_2B_098_DISTILLED, "
         "LTXV_13B_097_DEV, LTXV_13B_097_DISTILLED, LTXV_2B_0.9.6_DEV, LTXV_2B_0.9.6_DISTILLED, LTXV_2B_0.9.5, "
-        "LTXV_2B_0.9.1, LTXV_2B_0.9.0), a local single-file "
-        ".safetensors, a local diffusers folder, or `tiny` (a small random LTXV for tests).",
+        "LTXV_2B_0.9.1, LTXV_2B_0.9.0; LTX-2: LTX2_19B_DEV, LTX2_19B_DISTILLED, LTX23_22B_DEV, LTX23_22B_DISTILLED, "
+        "LTX25_22B_DEV, LTX25_22B_DISTILLED), a local single-file .safetensors (LTXV or LTX-2 official layout), a "
+        "local diffusers folder, or `tiny` / `tiny-ltx2` (small random models for tests).",
     )
     training_mode: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter or all weights.")
     text_encoder: str | None = Field(
         None,
-        description="Local folder with text_encoder/ and tokenizer/ (or a T5 folder). "
-        "Default: the T5 of the LTXV repo (downloaded once).",
+        description="Local folder with text_encoder/ and tokenizer/ (or a T5 folder; LTX-2: a Gemma folder). "
+        "Default: the T5 of the LTXV repo, or for LTX-2 Google's Gemma 3 12B (downloaded once).",
     )
     vae: str | None = Field(None, description="Local VAE (single file or folder). Default: the model's own VAE.")
     _source: tuple = PrivateAttr(default=(None, None))

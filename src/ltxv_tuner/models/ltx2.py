@@ -330,3 +330,103 @@ def training_losses(transformer, batch: dict, generator: torch.Generator, cfg, s
         return {"loss": video_loss, "loss_video": video_loss, "loss_audio": torch.full_like(video_loss, math.nan)}
     audio_loss = flow_matching_loss(a_pred, a_target)
     return {"loss": video_loss + audio_loss, "loss_video": video_loss, "loss_audio": audio_loss}
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: diffusers' LTX2Pipeline / LTX2ImageToVideoPipeline with the transformer being trained
+
+# diffusers' LTX2 pipelines' defaults are Lightricks' recommended dev settings (CFG 3 video / 7 audio, STG 1 on
+# block 28, modality guidance 3, rescale 0.7); 30 steps. Distilled checkpoints: 8 fixed noise levels, no guidance.
+DISTILLED_SIGMAS = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875)
+_GUIDED = {"guidance_scale": 3.0, "audio_guidance_scale": 7.0, "stg_scale": 1.0, "modality_scale": 3.0}
+_UNGUIDED = {"guidance_scale": 1.0, "audio_guidance_scale": 1.0, "stg_scale": 0.0, "modality_scale": 1.0}
+INFERENCE = {
+    "dev": {"schedule": "shifted", "inference_steps": 30, **_GUIDED},
+    "distilled": {"schedule": list(DISTILLED_SIGMAS), "inference_steps": 8, **_UNGUIDED},
+}
+INFERENCE_COMMON = {
+    "frame_rate": 24.0,
+    "decode_timestep": 0.0,
+    "decode_noise_scale": 0.0,
+    "image_cond_noise_scale": 0.0,
+}
+STG_BLOCK = 28
+_AUDIO_PARTS: dict = {}
+
+
+def inference_kind(model_cfg) -> str:
+    src = model_cfg.source
+    name = (src.version or "") if src.kind == "named" else (src.path.name if src.path is not None else "")
+    return "distilled" if "distilled" in name.lower() else "dev"
+
+
+def inference_settings(model_cfg) -> dict:
+    kind = inference_kind(model_cfg)
+    return {"kind": kind, **INFERENCE[kind], **INFERENCE_COMMON}
+
+
+def validation_sigmas(model_cfg, schedule, steps: int, seq_len: int) -> list[float]:
+    """A given list as is, or "shifted": `steps` evenly spaced levels shifted for `seq_len` video tokens and
+    stretched to the scheduler's terminal, as LTX2Pipeline computes them."""
+    if schedule != "shifted":
+        return [float(s) for s in schedule]
+    import numpy as np
+
+    scheduler = load_scheduler(model_cfg)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=scheduler_shift(seq_len))
+    return scheduler.sigmas[:-1].tolist()
+
+
+def _audio_parts(model_cfg, dtype, device):
+    key = (model_cfg.model_dump_json(), str(dtype))
+    if key not in _AUDIO_PARTS:
+        _AUDIO_PARTS[key] = (load_audio_vae(model_cfg, dtype=dtype).eval(), load_vocoder(model_cfg, dtype=dtype).eval())
+    audio_vae, vocoder = _AUDIO_PARTS[key]
+    return audio_vae.to(device), vocoder.to(device)
+
+
+def validation_pipeline(model_cfg, transformer, vae, tokenizer, text_encoder):
+    """LTX2Pipeline around the transformer being trained (LTX2ImageToVideoPipeline shares its parts: see
+    `render_validation`); its scheduler samples exactly the given noise levels."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
+
+    device, dtype = vae.device, vae.dtype
+    audio_vae, vocoder = _audio_parts(model_cfg, dtype, device)
+    pipe = LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0), vae=vae,
+        audio_vae=audio_vae, text_encoder=text_encoder.gemma, tokenizer=tokenizer,
+        connectors=text_encoder.connectors, transformer=transformer, vocoder=vocoder,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def validation_texts(cfg, s: dict, tokenizer, text_encoder, prompt: str, device) -> dict:
+    """The pipeline encodes prompts itself (Gemma + connectors, as at inference)."""
+    negative = cfg.validation.negative_prompt if s["guidance_scale"] > 1.0 else None
+    return {"prompt": prompt, "negative": negative}
+
+
+def render_validation(pipe, cfg, s: dict, texts: dict, image, generator):
+    """(video [F, H, W, 3] floats in [0, 1], audio [channels, samples] in [-1, 1], audio sample rate)."""
+    import numpy as np
+    from diffusers import LTX2ImageToVideoPipeline
+
+    width, height, frames = cfg.validation.video_dims
+    kwargs = {}
+    if image is not None:
+        pipe = LTX2ImageToVideoPipeline(**pipe.components)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs["image"] = image
+    blocks = len(_unwrap(pipe.transformer).transformer_blocks)
+    guided = {k: s[k] for k in ("guidance_scale", "audio_guidance_scale", "stg_scale", "modality_scale")}
+    out = pipe(
+        prompt=texts["prompt"], negative_prompt=texts["negative"], width=width, height=height, num_frames=frames,
+        frame_rate=s["frame_rate"], sigmas=list(s["sigmas"]), num_inference_steps=len(s["sigmas"]),
+        audio_stg_scale=s["stg_scale"], spatio_temporal_guidance_blocks=[min(STG_BLOCK, blocks - 1)],
+        decode_timestep=s["decode_timestep"], decode_noise_scale=s["decode_noise_scale"],
+        max_sequence_length=s["max_text_length"], generator=generator, output_type="np", **guided, **kwargs,
+    )  # fmt: skip
+    video = np.asarray(out.frames[0], dtype=np.float32)
+    audio = out.audio[0].float().cpu().clamp(-1, 1)
+    return video, audio, int(pipe.vocoder.config.output_sampling_rate)
