@@ -432,7 +432,7 @@ def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, d
     fam = family(cfg.model)
     tokenizer, encoder = fam.load_text_encoder(cfg.model, dtype=dtype, device=device)
     keys = list(captions)
-    with progress(total=len(keys), desc="T5 captions", unit="caption") as bar:
+    with progress(total=len(keys), desc="captions", unit="caption") as bar:
         for i in range(0, len(keys), batch_size):
             batch = keys[i : i + batch_size]
             texts = [captions[k] for k in batch]

@@ -160,10 +160,11 @@ def _record(cfg: Config, s: dict, step: int, prompt: str, index: int, seed: int)
         "step": step, "prompt": prompt,
         "negative_prompt": v.negative_prompt if s["guidance_scale"] > 1.0 else None,
         "image": image, "mode": "image-to-video" if image else "text-to-video",
-        "pipeline": "diffusers LTXConditionPipeline", "model_source": cfg.model.model_source,
+        "pipeline": family(cfg.model).VALIDATION_PIPELINE, "model_source": cfg.model.model_source,
         "inference": s["kind"], "width": width, "height": height, "frames": frames, "seed": seed,
         **{k: s[k] for k in ("frame_rate", "inference_steps", "sigmas", "guidance_scale", "decode_timestep",
                              "decode_noise_scale", "image_cond_noise_scale", "caption_encoding", "max_text_length")},
+        **{k: s[k] for k in ("audio_guidance_scale", "stg_scale", "modality_scale") if k in s},  # LTX-2
     }  # fmt: skip
 
 

@@ -22,6 +22,7 @@ class ModelFamily(Protocol):
     """What the stages ask of a model family (module-level functions of models/<family>.py)."""
 
     PARAMETERS_MAY_GO_UNUSED: bool  # some trainable weights can sit out a step (data parallel must allow it)
+    VALIDATION_PIPELINE: str  # what renders validation videos (recorded in their .txt)
 
     # weights: each component from any source the family supports
     def load_transformer(self, model_cfg, dtype=torch.float32, device="cpu"): ...

@@ -48,6 +48,8 @@ DEFAULT_MAX_TEXT_LENGTH = 1024  # LTX-2 prompts are left-padded to 1024 Gemma to
 
 # Data parallel training: a batch without audio leaves the audio stream and cross-modal attention idle.
 PARAMETERS_MAY_GO_UNUSED = True
+# The pipeline validation videos are rendered with (recorded in each video's .txt).
+VALIDATION_PIPELINE = "diffusers LTX2Pipeline (LTX2ImageToVideoPipeline with an image), generated audio muxed in"
 
 # --------------------------------------------------------------------------------------------------
 # Text: Gemma -> aggregate projection (cached) -> connectors (each step)

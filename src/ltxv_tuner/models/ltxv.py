@@ -239,6 +239,8 @@ def _load_single_file_vae(path: Path, config_dir: Path | None, dtype, device, ke
 
 # Data parallel training: every trainable weight takes part in every step.
 PARAMETERS_MAY_GO_UNUSED = False
+# The pipeline validation videos are rendered with (recorded in each video's .txt).
+VALIDATION_PIPELINE = "diffusers LTXConditionPipeline"
 
 # --------------------------------------------------------------------------------------------------
 # Public loaders
