@@ -262,10 +262,17 @@ def transformer_tokens(cfg: Config, bucket: list[int]) -> int:
 
 
 def estimate_memory(
-    cfg: Config, tcfg: dict, bucket: list[int], n_params: int, processes: int = 1, sharding: str | None = None
+    cfg: Config,
+    tcfg: dict,
+    bucket: list[int],
+    n_params: int,
+    processes: int = 1,
+    sharding: str | None = None,
+    frozen: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of one GPU; `sharding` (default cfg.training.sharding) fsdp divides the weights, gradients and
-    optimizer state by `processes` and adds the blocks gathered for compute."""
+    optimizer state by `processes` and adds the blocks gathered for compute. `frozen`: other weights every GPU
+    holds while training (LTX-2's text connectors, in the compute dtype, never sharded)."""
     sharded = (sharding or cfg.training.sharding) == "fsdp"
     tokens = transformer_tokens(cfg, bucket) * cfg.training.batch_size
     h = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
@@ -288,11 +295,12 @@ def estimate_memory(
         act = tokens * h * 2 * layers + tokens * (26 * h) * 2
     else:
         act = tokens * (26 * h) * 2 * layers
+    extra = frozen * (4 if cfg.training.mixed_precision_mode == "no" else 2)
     if not sharded:
-        return MemoryEstimate(weights / GIB, trainable / GIB, act / GIB, tokens)
+        return MemoryEstimate((weights + extra) / GIB, trainable / GIB, act / GIB, tokens)
     keep = 0 if cfg.training.cpu_offload else 1 / max(1, processes)  # offloaded shards live in CPU memory
     gathered = 3 * (n_params / layers) * 4  # fp32 block being computed, the next one prefetched, its gradients
-    return MemoryEstimate(weights * keep / GIB, trainable * keep / GIB, act / GIB, tokens, gathered / GIB)
+    return MemoryEstimate((weights * keep + extra) / GIB, trainable * keep / GIB, act / GIB, tokens, gathered / GIB)
 
 
 def _size(gib: float) -> str:
@@ -317,7 +325,7 @@ def _too_big_advice(cfg: Config, tcfg: dict, bucket: list[int], n_params: int, g
         return "training.cpu_offload: true, more processes, training.enable_gradient_checkpointing, or smaller buckets"
     return (
         "enable training.enable_gradient_checkpointing, acceleration.quantize_base, or smaller buckets "
-        "(see configs/low_vram_24gb.yaml)"
+        f"(see {models.family(cfg.model).LOW_VRAM_CONFIG})"
     )
 
 
@@ -325,7 +333,9 @@ def report(cfg: Config, tcfg: dict | None, gpu: tuple[str, float] | None = None)
     """Log one line per bucket; warn when the estimate exceeds the GPU (`gpu`: (name, bytes), default the visible
     one). Returns the lines."""
     lines = []
-    n_params = models.family(cfg.model).count_params(tcfg) if tcfg else None
+    fam = models.family(cfg.model)
+    n_params = fam.count_params(tcfg) if tcfg else None
+    frozen = fam.frozen_params(cfg.model) if tcfg else 0
     if gpu is None and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu = (props.name, props.total_memory)
@@ -336,7 +346,7 @@ def report(cfg: Config, tcfg: dict | None, gpu: tuple[str, float] | None = None)
         if cfg.training.strategy == "ic_lora":
             line += " (half of them the reference's)"
         if n_params:
-            est = estimate_memory(cfg, tcfg, bucket, n_params, processes)
+            est = estimate_memory(cfg, tcfg, bucket, n_params, processes, frozen=frozen)
             sharded = f", sharded over {processes} processes" if cfg.training.sharding == "fsdp" else ""
             line += (
                 f", est. peak memory per GPU {_size(est.total_gib)} (weights {_size(est.weights_gib)}, "

@@ -48,6 +48,8 @@ DEFAULT_MAX_TEXT_LENGTH = 1024  # LTX-2 prompts are left-padded to 1024 Gemma to
 
 # Data parallel training: a batch without audio leaves the audio stream and cross-modal attention idle.
 PARAMETERS_MAY_GO_UNUSED = True
+# The preset to point at when the memory estimate exceeds the GPU.
+LOW_VRAM_CONFIG = "configs/ltx2_low_vram.yaml"
 # The pipeline validation videos are rendered with (recorded in each video's .txt).
 VALIDATION_PIPELINE = "diffusers LTX2Pipeline (LTX2ImageToVideoPipeline with an image), generated audio muxed in"
 
@@ -155,8 +157,19 @@ def connectors_of(transformer, device, dtype):
 def load_transformer(model_cfg, dtype=torch.float32, device="cpu"):
     """The transformer, with the frozen text connectors attached (they run at every training step)."""
     transformer = ltx2_load.load_transformer(model_cfg, dtype=dtype, device=device)
-    attach_connectors(transformer, ltx2_load.load_connectors(model_cfg, dtype=torch.float32, device=device))
+    attach_connectors(transformer, ltx2_load.load_connectors(model_cfg, dtype=dtype, device=device))
     return transformer
+
+
+def frozen_params(model_cfg) -> int:
+    """Weights that sit on the GPU beside the transformer during training: the text connectors (~1.4e9 for 2.0,
+    ~3.2e9 for 2.3), counted from their config without weights."""
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    config = ltx2_load.component_config(model_cfg, "connectors")
+    with torch.device("meta"):
+        connectors = LTX2TextConnectors(**{k: v for k, v in config.items() if not k.startswith("_")})
+    return sum(p.numel() for p in connectors.parameters())
 
 
 def embedding_width(transformer) -> int:

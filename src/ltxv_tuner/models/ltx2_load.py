@@ -434,14 +434,20 @@ def model_identity(model_cfg) -> dict:
 def architecture(model_cfg) -> dict:
     """The transformer config (diffusers names), without reading weights (a local file's header is matched here,
     so a wrong file fails before any download or encoding)."""
+    return component_config(model_cfg, "transformer")
+
+
+def component_config(model_cfg, component: str) -> dict:
+    """A component's diffusers config (transformer, connectors, ...) without reading weights."""
     src = model_cfg.source
     if src.kind == "tiny":
-        return dict(ltx2_tiny.TRANSFORMER_CONFIG)
+        tiny = {"transformer": ltx2_tiny.TRANSFORMER_CONFIG, "connectors": ltx2_tiny.CONNECTORS_CONFIG}
+        return dict(tiny[component])
     if src.kind == "named":
-        return _public(_shipped(src.config_dir, "transformer"))
+        return _public(_shipped(src.config_dir, component))
     if src.kind == "diffusers":
-        return _public(json.loads((src.path / "transformer" / "config.json").read_text(encoding="utf-8")))
-    return _public(_resolve_single_file(model_cfg, "transformer")[1])
+        return _public(json.loads((src.path / component / "config.json").read_text(encoding="utf-8")))
+    return _public(_resolve_single_file(model_cfg, component)[1])
 
 
 def count_params(tcfg: dict) -> int:

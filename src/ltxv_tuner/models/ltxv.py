@@ -239,6 +239,8 @@ def _load_single_file_vae(path: Path, config_dir: Path | None, dtype, device, ke
 
 # Data parallel training: every trainable weight takes part in every step.
 PARAMETERS_MAY_GO_UNUSED = False
+# The preset to point at when the memory estimate exceeds the GPU.
+LOW_VRAM_CONFIG = "configs/low_vram_24gb.yaml"
 # The pipeline validation videos are rendered with (recorded in each video's .txt).
 VALIDATION_PIPELINE = "diffusers LTXConditionPipeline"
 
@@ -615,6 +617,11 @@ def forward(
     fps_scale = (8.0 / batch["fps"]).to(device=tokens.device, dtype=torch.float32).view(b, 1, 1, 1, 1)
     rope_scale = (fps_scale, SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
     return transformer(**common, num_frames=f, height=h, width=w, rope_interpolation_scale=rope_scale)[0]
+
+
+def frozen_params(model_cfg) -> int:
+    """Weights on the GPU during training besides the transformer: none (T5 and the VAE are not loaded)."""
+    return 0
 
 
 def check_config(cfg) -> None:
