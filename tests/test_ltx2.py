@@ -189,3 +189,28 @@ def test_quickstart_ltx2_end_to_end(tmp_path):
     with av.open(str(videos[0])) as c:
         assert c.streams.video and c.streams.audio
     assert "video-only" in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Config: family defaults and refusals, before any work
+
+
+def test_ltx2_pads_prompts_to_1024_unless_set_and_refuses_what_it_cannot_do(tmp_path):
+    from ltxv_tuner.config import validate_config
+    from ltxv_tuner.errors import UserError
+
+    named = validate_config({"dataset": {"data_folder": str(tmp_path)}, "model": {"model_source": "LTX23_22B_DEV"}})
+    assert named.dataset.preprocessing.max_text_length == 1024
+    ltxv = validate_config({"dataset": {"data_folder": str(tmp_path)}, "model": {"model_source": "tiny"}})
+    assert ltxv.dataset.preprocessing.max_text_length == 128
+    odd = _config(tmp_path, tmp_path / "d", dataset={"preprocessing": {"max_text_length": 36}})
+    with pytest.raises(UserError, match="max_text_length: 36 is not a multiple"):
+        ltx2.check_config(odd)
+    ic = _config(tmp_path, tmp_path / "d", training={"strategy": "ic_lora"}, dataset={"reference_folder": "r"})
+    with pytest.raises(UserError, match="ic_lora is not built for LTX-2"):
+        ltx2.check_config(ic)
+    on = make_config(tmp_path, training={"audio": "on"})  # LTXV
+    with pytest.raises(UserError, match="no audio"):
+        from ltxv_tuner.models import ltxv
+
+        ltxv.check_config(on)

@@ -77,7 +77,8 @@ class PreprocessingConfig(_Section):
         le=1024,
         description="T5 token length of the cached caption embeddings (longer captions are cut). 128 is diffusers' "
         "LTX pipeline default; with caption_encoding: diffusers the padding length changes the features, so keep it "
-        "equal to the max_sequence_length of the inference you run.",
+        "equal to the max_sequence_length of the inference you run. LTX-2 (Gemma): 1024 unless set, as its "
+        "pipelines pad prompts.",
     )
     caption_encoding: Literal["diffusers", "comfyui"] = Field(
         "diffusers",
@@ -447,7 +448,21 @@ class Config(_Section):
         problems += self._sharding_problems()
         if problems:
             raise ValueError("; ".join(problems))
+        self._family_defaults()
         return self
+
+    def _family_defaults(self) -> None:
+        """Defaults that depend on the model family, where the YAML leaves them out: LTX-2 prompts are padded to
+        1024 Gemma tokens (its pipelines' max_sequence_length; the connectors' registers fill the padding)."""
+        pp = self.dataset.preprocessing
+        if "max_text_length" in pp.model_fields_set:
+            return
+        try:
+            family = self.model.source.family
+        except Exception:  # an unknown model_source is reported where it is used, with its own message
+            return
+        if family == "ltx2":
+            pp.max_text_length = 1024
 
     def _sharding_problems(self) -> list[str]:
         t, fsdp = self.training, self.training.sharding == "fsdp"

@@ -212,6 +212,13 @@ def check_config(cfg) -> None:
             "training.strategy: ic_lora is not built for LTX-2 models yet (it works with LTX-Video 0.9.x); "
             "use text_to_video, or an LTXV model_source"
         )
+    registers = ltx2_load.component_config(cfg.model, "connectors").get("video_connector_num_learnable_registers")
+    max_len = cfg.dataset.preprocessing.max_text_length
+    if registers and max_len % registers:
+        raise UserError(
+            f"dataset.preprocessing.max_text_length: {max_len} is not a multiple of the text connectors' "
+            f"{registers} registers; use 1024 (what LTX-2's pipelines pad prompts to)"
+        )
 
 
 def audio_mode(cfg) -> str:
