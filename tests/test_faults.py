@@ -33,14 +33,16 @@ def manifest(tmp_path: Path) -> Path:
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_exports_nothing_of_it(tmp_path, manifest, monkeypatch):
     calls = []
-    real_loss = training.flow_matching_loss
+    from ltxv_tuner.strategies import flow_matching
+
+    real_loss = flow_matching.flow_matching_loss
 
     def loss_nan_from_step_3(*args):
         calls.append(1)
         loss = real_loss(*args)
         return loss * float("nan") if len(calls) >= 3 else loss
 
-    monkeypatch.setattr(training, "flow_matching_loss", loss_nan_from_step_3)
+    monkeypatch.setattr(flow_matching, "flow_matching_loss", loss_nan_from_step_3)
     run = tmp_path / "run"
     with pytest.raises(training.NonFiniteError, match=r"training stopped at step 3: loss nan.*step 2") as err:
         training.train(make_config(tmp_path, training={"steps": 4}, checkpoints={"interval": 2}), run, manifest)
@@ -56,8 +58,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_exports_nothing_of_it(tmp_
 def test_weights_that_overflow_are_never_exported(tmp_path, manifest, monkeypatch):
     real_step = training.optimizer_step
 
-    def poison(accelerator, model, *args):
-        out = real_step(accelerator, model, *args)
+    def poison(accelerator, model, *args, **kwargs):
+        out = real_step(accelerator, model, *args, **kwargs)
         if args[-2] == 1:  # the last of 2 steps: its loss and gradients were finite
             with torch.no_grad():
                 next(p for p in model.parameters() if p.requires_grad).fill_(float("inf"))

@@ -457,8 +457,10 @@ class Config(_Section):
         pp = self.dataset.preprocessing
         if "max_text_length" in pp.model_fields_set:
             return
-        try:
-            family = self.model.source.family
+        from .models.sources import resolve
+
+        try:  # resolved without caching it on the model section: a validated config stays a plain value
+            family = resolve(self.model.model_source).family
         except Exception:  # an unknown model_source is reported where it is used, with its own message
             return
         if family == "ltx2":

@@ -80,7 +80,7 @@ def training_step(transformer: torch.nn.Module, batch: dict, generator: torch.Ge
 
 
 def optimizer_step(
-    accelerator, model, optimizer, lr_scheduler, params, micro_batches: list[dict], step: int, cfg, parts=None
+    accelerator, model, optimizer, lr_scheduler, params, micro_batches: list[dict], step: int, cfg, *, parts=None
 ):
     """One optimizer step over the step's micro-batches (gradient accumulation; gradients are synced across
     processes on the last one only), then clipping, the optimizer and the LR schedule.
@@ -503,7 +503,7 @@ def fit(tr: Trainer) -> tuple[float | None, int | None]:
     for micro_batches in batches:
         parts: dict = {}
         loss, grad_norm = optimizer_step(accelerator, tr.model, tr.optimizer, tr.lr_scheduler, tr.params,
-                                         micro_batches, tr.step, cfg, parts)  # fmt: skip
+                                         micro_batches, tr.step, cfg, parts=parts)  # fmt: skip
         tr.step += 1
         tr.data_position += t.gradient_accumulation_steps * world
         now = time.perf_counter()
