@@ -20,7 +20,7 @@ needs_venv = pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="the tests
 NOT_RUN = {
     "./setup.sh": "installs packages from the network; its result (venv/) is this test's precondition",
     "./setup.sh --extras": "the same, with the optional packages",
-    "venv/bin/python -m pytest -q": "the test suite this test is part of",
+    "venv/bin/python -m pytest -q -n auto": "the test suite this test is part of",
 }
 
 
