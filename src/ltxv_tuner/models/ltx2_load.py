@@ -17,7 +17,6 @@ Sources:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from ..errors import UserError
 from . import hub, ltx2_keys, ltx2_tiny
 from .single_file import Header, build_from_state, is_aux_key, lora_like, match, read_header, read_tensors
-from .sources import HF_REVISION, MODEL_CONFIGS, missing_path_error, versions
+from .sources import HF_REVISION, MODEL_CONFIGS, file_identity, folder_identity, missing_path_error, versions
 
 KEY = "model.model_source"
 CONFIG_DIRS = ("ltx2-19b", "ltx2.3-22b", "ltx2.5-22b")  # shipped diffusers configs: 2.0, 2.3, 2.5
@@ -386,24 +385,11 @@ def load_scheduler(model_cfg):
 # Identities (cache keys), the transformer config, metadata
 
 
-def _file_identity(path: Path) -> str:
-    st = path.stat()
-    return f"file:{path}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def _folder_identity(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        st = f.stat()
-        h.update(f"{f.relative_to(path).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return f"dir:{path}|{h.hexdigest()[:16]}"
-
-
 def _component_identity(src, component: str) -> str:
     if src.kind == "diffusers":
-        return _folder_identity(src.path / component)
+        return folder_identity(src.path / component)
     if src.kind == "single_file":
-        return f"{_file_identity(src.path)}#{component}"
+        return f"{file_identity(src.path)}#{component}"
     files = versions()[src.version].get("files") or {}
     return f"hf:{src.repo}/{files.get(component, src.filename)}@{src.revision}#{component}"
 
@@ -411,7 +397,7 @@ def _component_identity(src, component: str) -> str:
 def _text_encoder_identity(model_cfg) -> str:
     kind, folder = _text_encoder_source(model_cfg)
     if kind == "local":
-        return _folder_identity(folder)
+        return folder_identity(folder)
     return f"hf:{_gemma_repo(model_cfg)}@{HF_REVISION}"
 
 

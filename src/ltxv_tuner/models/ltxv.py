@@ -21,7 +21,6 @@ run the training forward, name keys for ComfyUI/original files, build the valida
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -39,7 +38,17 @@ from .ltxv_keys import (
     strip_compile_prefix,
 )
 from .single_file import Header, build_from_state, is_aux_key, lora_like, match, read_header, read_tensors
-from .sources import HF_REVISION, MODEL_CONFIGS, ModelSource, lookup_version, missing_path_error, named_versions
+from .sources import (
+    HF_REVISION,
+    MODEL_CONFIGS,
+    ModelSource,
+    file_identity,
+    folder_identity,
+    lookup_version,
+    missing_path_error,
+    named_versions,
+    path_identity,
+)
 from .sources import versions as _versions
 
 HF_REPO = "Lightricks/LTX-Video"
@@ -368,23 +377,6 @@ def load_scheduler(model_cfg):
 # Identities (cache keys) and metadata
 
 
-def _file_identity(path: Path) -> str:
-    st = path.stat()
-    return f"file:{path}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def _folder_identity(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        st = f.stat()
-        h.update(f"{f.relative_to(path).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return f"dir:{path}|{h.hexdigest()[:16]}"
-
-
-def _path_identity(path: Path) -> str:
-    return _folder_identity(path) if path.is_dir() else _file_identity(path)
-
-
 def _hf_identity(src: ModelSource) -> str:
     return f"hf:{src.repo}/{src.filename}@{src.revision}"
 
@@ -402,20 +394,20 @@ def model_identity(model_cfg) -> dict:
         ident = {"transformer": _hf_identity(src), "vae": _hf_identity(src) + "#vae"}
         ident["text_encoder"] = f"hf:{HF_REPO}/text_encoder+tokenizer@{HF_REVISION}"
     elif src.kind == "single_file":
-        ident = {"transformer": _file_identity(src.path), "vae": _file_identity(src.path) + "#vae"}
+        ident = {"transformer": file_identity(src.path), "vae": file_identity(src.path) + "#vae"}
         ident["text_encoder"] = f"hf:{HF_REPO}/text_encoder+tokenizer@{HF_REVISION}"
     else:
-        ident = {"transformer": _folder_identity(src.path / "transformer"), "vae": _folder_identity(src.path / "vae")}
+        ident = {"transformer": folder_identity(src.path / "transformer"), "vae": folder_identity(src.path / "vae")}
         kind, folder = _text_encoder_source(model_cfg)
         ident["text_encoder"] = (
-            f"{_folder_identity(folder / 'text_encoder')}+{_folder_identity(folder / 'tokenizer')}"
+            f"{folder_identity(folder / 'text_encoder')}+{folder_identity(folder / 'tokenizer')}"
             if kind == "local" and not model_cfg.text_encoder
             else f"hf:{HF_REPO}/text_encoder+tokenizer@{HF_REVISION}"
         )
     if model_cfg.vae:
-        ident["vae"] = _path_identity(_local_override(model_cfg.vae, "model.vae", "a VAE file or folder"))
+        ident["vae"] = path_identity(_local_override(model_cfg.vae, "model.vae", "a VAE file or folder"))
     if model_cfg.text_encoder:
-        ident["text_encoder"] = _folder_identity(
+        ident["text_encoder"] = folder_identity(
             _local_override(model_cfg.text_encoder, "model.text_encoder", "a T5 folder")
         )
     return ident

@@ -145,3 +145,25 @@ def resolve(text: str) -> ModelSource:
         f"model.model_source: unknown model {text!r} ({hint}use one of {', '.join(named_versions())}, "
         "a local .safetensors file, a diffusers folder, tiny or tiny-ltx2)"
     )
+
+
+# Cheap identities of local weights (cache keys): path, size and modification time, never the bytes.
+
+
+def file_identity(path: Path) -> str:
+    st = path.stat()
+    return f"file:{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def folder_identity(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        st = f.stat()
+        h.update(f"{f.relative_to(path).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return f"dir:{path}|{h.hexdigest()[:16]}"
+
+
+def path_identity(path: Path) -> str:
+    return folder_identity(path) if path.is_dir() else file_identity(path)
