@@ -627,6 +627,12 @@ def frozen_params(model_cfg) -> int:
 def check_config(cfg) -> None:
     """Settings this family cannot honour, refused before any work."""
     audio_mode(cfg)
+    if cfg.dataset.reference_downscale != 1:
+        raise UserError(
+            f"dataset.reference_downscale: {cfg.dataset.reference_downscale}: {cfg.model.model_source} is an "
+            "LTX-Video 0.9.x model, whose IC-LoRAs take the reference at the clip's own size (its reference tokens "
+            "sit on the clip's grid); use 1, or an LTX-2 model"
+        )
 
 
 def audio_mode(cfg) -> str:
