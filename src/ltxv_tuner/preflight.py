@@ -63,10 +63,10 @@ def check(cfg: Config, only: str | None = None, resume: str | None = None) -> Re
 
         load_images(cfg)  # a missing first-frame image must not surface only at the first validation, hours in
         if cfg.validation.reference_videos:
-            from .ic_validation import read_reference
+            from .ic_validation import read_reference, reference_dims
 
             for i, path in enumerate(cfg.validation.reference_videos):
-                read_reference(path, cfg.validation.video_dims, i)
+                read_reference(path, reference_dims(cfg), i)
     report_device(cfg)
     # The architecture from the config or a local file's header: a wrong file fails before any download or encode.
     report(cfg, models.family(cfg.model).architecture(cfg.model))

@@ -10,6 +10,7 @@ Adding a family: see docs/DESIGN.md, "Adding a model family".
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 from typing import Protocol
 
@@ -23,6 +24,10 @@ class ModelFamily(Protocol):
 
     PARAMETERS_MAY_GO_UNUSED: bool  # some trainable weights can sit out a step (data parallel must allow it)
     VALIDATION_PIPELINE: str  # what renders validation videos (recorded in their .txt)
+    IC_VALIDATION_PIPELINE: str  # what renders IC-LoRA validation videos
+    # IC-LoRA validation through the family's own pipeline (LTX-2), or None: ic_validation's sampler and `forward`
+    # with `reference_grid` render it
+    render_ic_validation: Callable | None
     LOW_VRAM_CONFIG: str  # the shipped preset for small GPUs
 
     # weights: each component from any source the family supports

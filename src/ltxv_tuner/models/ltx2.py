@@ -53,6 +53,7 @@ PARAMETERS_MAY_GO_UNUSED = True
 LOW_VRAM_CONFIG = "configs/ltx2_low_vram.yaml"
 # The pipeline validation videos are rendered with (recorded in each video's .txt).
 VALIDATION_PIPELINE = "diffusers LTX2Pipeline (LTX2ImageToVideoPipeline with an image), generated audio muxed in"
+IC_VALIDATION_PIPELINE = "diffusers LTX2InContextPipeline (reference_conditions), generated audio muxed in"
 
 # --------------------------------------------------------------------------------------------------
 # Text: Gemma -> aggregate projection (cached) -> connectors (each step)
@@ -470,8 +471,25 @@ def validation_texts(cfg, s: dict, tokenizer, text_encoder, prompt: str, device)
     return {"prompt": prompt, "negative": negative}
 
 
-def render_validation(pipe, cfg, s: dict, texts: dict, image, generator):
-    """(video [F, H, W, 3] floats in [0, 1], audio [channels, samples] in [-1, 1], audio sample rate)."""
+def render_ic_validation(pipe, cfg, s: dict, texts: dict, reference: torch.Tensor, generator):
+    """An IC-LoRA validation video: diffusers' LTX2InContextPipeline on the validation pipeline's parts, the reference
+    (uint8 [F, H/n, W/n, 3], already read at the size training encodes references) as its reference condition with
+    `reference_downscale_factor` n. Returns what `render_validation` returns."""
+    from diffusers import LTX2InContextPipeline
+    from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
+    from PIL import Image
+
+    parts = ("scheduler", "vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "transformer", "vocoder")
+    ic = LTX2InContextPipeline(**{name: pipe.components[name] for name in parts})
+    ic.set_progress_bar_config(disable=True)
+    condition = LTX2ReferenceCondition(frames=[Image.fromarray(frame) for frame in reference.numpy()])
+    extra = {"reference_conditions": [condition], "reference_downscale_factor": cfg.dataset.reference_downscale}
+    return render_validation(ic, cfg, s, texts, None, generator, **extra)
+
+
+def render_validation(pipe, cfg, s: dict, texts: dict, image, generator, **extra):
+    """(video [F, H, W, 3] floats in [0, 1], audio [channels, samples] in [-1, 1], audio sample rate). `extra`: more
+    arguments of the pipeline (IC-LoRA's reference)."""
     import numpy as np
     from diffusers import LTX2ImageToVideoPipeline
 
@@ -488,7 +506,7 @@ def render_validation(pipe, cfg, s: dict, texts: dict, image, generator):
         frame_rate=s["frame_rate"], sigmas=list(s["sigmas"]), num_inference_steps=len(s["sigmas"]),
         audio_stg_scale=s["stg_scale"], spatio_temporal_guidance_blocks=[min(STG_BLOCK, blocks - 1)],
         decode_timestep=s["decode_timestep"], decode_noise_scale=s["decode_noise_scale"],
-        max_sequence_length=s["max_text_length"], generator=generator, output_type="np", **guided, **kwargs,
+        max_sequence_length=s["max_text_length"], generator=generator, output_type="np", **guided, **kwargs, **extra,
     )  # fmt: skip
     video = np.asarray(out.frames[0], dtype=np.float32)
     audio = out.audio[0].float().cpu().clamp(-1, 1)

@@ -243,6 +243,9 @@ PARAMETERS_MAY_GO_UNUSED = False
 LOW_VRAM_CONFIG = "configs/low_vram_24gb.yaml"
 # The pipeline validation videos are rendered with (recorded in each video's .txt).
 VALIDATION_PIPELINE = "diffusers LTXConditionPipeline"
+# IC-LoRA validation: no diffusers pipeline prepends a reference for LTXV, so ic_validation's own sampler renders it.
+IC_VALIDATION_PIPELINE = "ltxv_tuner.ic_validation (reference tokens prepended)"
+render_ic_validation = None
 
 # --------------------------------------------------------------------------------------------------
 # Public loaders
