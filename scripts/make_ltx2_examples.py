@@ -1,11 +1,15 @@
-"""Write the bundled LTX-2 quickstart clips: examples/quickstart_ltx2_data/ (4 clips + captions, ~50 KB).
+"""Write the bundled LTX-2 quickstart clips: examples/quickstart_ltx2_data/ (4 clips + captions, ~50 KB) and their
+IC-LoRA references examples/quickstart_ltx2_references/ (edge maps, ~20 KB).
 
     python scripts/make_ltx2_examples.py [--out examples/quickstart_ltx2_data]
+                                         [--references examples/quickstart_ltx2_references]
 
 Tiny 128x96 clips of 33 frames at 24 fps (a valid LTX-2 bucket: sizes multiple of 32, frames 8n+1) whose sound
 follows the motion: one clock (seconds) drives both the picture and the waveform. Three carry AAC audio in different
 containers, rates and layouts (.mp4 16 kHz mono, .mov 24 kHz stereo, .mkv 48 kHz stereo); one has no audio track,
-to show video-only samples in an audio-video dataset. Byte-identical on every run (bit-exact muxing, one thread).
+to show video-only samples in an audio-video dataset. Each clip's reference is its edge map (the control video of a
+canny IC-LoRA), at half size (64x48, same 4:3 shape: the quickstart encodes references at half the bucket's size),
+silent, same frames and frame rate. Byte-identical on every run (bit-exact muxing, one thread).
 """
 
 from __future__ import annotations
@@ -129,13 +133,25 @@ def sound(scene: str, rate: int, channels: int) -> np.ndarray:
     return np.clip(out, -1, 1).astype(np.float32)
 
 
+def edges(img: np.ndarray) -> np.ndarray:
+    """uint8 [H/2, W/2, 3]: the Sobel edge strength of `img`'s luminance, white on black, halved in size (2x2 means)."""
+    y = img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    p = np.pad(y, 1, mode="edge")
+    gx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    gy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    mag = np.clip(np.hypot(gx, gy) / 200.0, 0, 1)
+    h, w = mag.shape
+    half = mag.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    return np.repeat((half * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+
+
 def write_bitexact(path: Path, frames: np.ndarray, audio: np.ndarray | None, rate: int, crf: int = 26) -> None:
     """yuv420p video (H.264; MPEG-4 part 2 in .mov, as make_example_data.py explains) plus optional AAC audio,
     bit-exact muxing and one encoder thread, so the files are reproducible."""
     codec = "mpeg4" if path.suffix == ".mov" else "libx264"
     with av.open(str(path), "w", container_options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec, rate=Fraction(FPS))
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         if codec == "libx264":
             stream.options = {"crf": str(crf), "preset": "slow", "threads": "1"}
         else:
@@ -165,21 +181,25 @@ def write_bitexact(path: Path, frames: np.ndarray, audio: np.ndarray | None, rat
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "examples" / "quickstart_ltx2_data")
+    parser.add_argument("--references", type=Path, default=ROOT / "examples" / "quickstart_ltx2_references")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.references.mkdir(parents=True, exist_ok=True)
     total = 0
     for name, scene, audio_spec, caption in CLIPS:
-        path = args.out / name
+        path, ref = args.out / name, (args.references / name).with_suffix(".mp4")
         frames = np.stack([render(scene, i / FPS) for i in range(NUM_FRAMES)])
         rate, channels = audio_spec or (0, 0)
         audio = sound(scene, rate, channels) if audio_spec else None
         write_bitexact(path, frames, audio, rate)
+        write_bitexact(ref, np.stack([edges(f) for f in frames]), None, 0)
         path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-        total += path.stat().st_size
+        total += path.stat().st_size + ref.stat().st_size
         sound_desc = f"AAC {rate} Hz x{channels}" if audio_spec else "no audio"
         print(
             f"{path.relative_to(args.out.parent)}: {WIDTH}x{HEIGHT}, {NUM_FRAMES} frames @ {FPS} fps, {sound_desc}, "
-            f"{path.stat().st_size} bytes"
+            f"{path.stat().st_size} bytes; reference {ref.relative_to(args.out.parent)}: {WIDTH // 2}x{HEIGHT // 2}, "
+            f"{ref.stat().st_size} bytes"
         )
     print(f"total bytes: {total}")
 

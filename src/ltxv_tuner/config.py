@@ -116,6 +116,15 @@ class DatasetConfig(_Section):
         description="IC-LoRA (training.strategy: ic_lora): a folder mirroring data_folder with one reference (control) "
         "video per clip - the reference of <data_folder>/sub/a.mp4 is <reference_folder>/sub/a.<any video ext>.",
     )
+    reference_downscale: int = Field(
+        1,
+        ge=1,
+        description="IC-LoRA, LTX-2 models: encode each reference at 1/n of its clip's bucket ([width/n, height/n, "
+        "frames]; both must stay multiples of 32): n^2 times fewer reference tokens, as Lightricks' ltx-trainer "
+        "allows. The LoRA's metadata `reference_downscale_factor` records n (ComfyUI-LTXVideo's IC-LoRA loader and "
+        "ltx-pipelines read it; give it to diffusers' LTX2InContextPipeline as reference_downscale_factor). "
+        "LTX-Video 0.9.x: only 1.",
+    )
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
 
     @field_validator("resolution_buckets", mode="before")
@@ -400,6 +409,8 @@ class Config(_Section):
             )
         if not ic and self.dataset.reference_folder:
             problems.append("dataset.reference_folder: only used by training.strategy: ic_lora (set it, or drop this)")
+        if not ic and self.dataset.reference_downscale != 1:
+            problems.append("dataset.reference_downscale: only used by training.strategy: ic_lora (drop it)")
         if v.reference_videos is not None:
             if not ic:
                 problems.append("validation.reference_videos: only used by training.strategy: ic_lora")

@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
 from .video import VIDEO_EXTENSIONS
 
 CAPTION_EXTENSION = ".txt"
@@ -167,6 +168,23 @@ def choose_bucket(
 # IC-LoRA reference videos: a folder mirroring the data folder
 
 REFERENCE_PREFIX = "@reference/"  # how reference files are named in reports and the cache's source list
+SPATIAL_MULTIPLE = 32  # the video VAE's spatial compression: every encoded width and height is a multiple of it
+
+
+def reference_bucket(bucket: list[int], downscale: int, what: str = "bucket") -> list[int]:
+    """The size a clip's reference is encoded at: [width / n, height / n, frames] of the clip's bucket
+    (`dataset.reference_downscale` n). UserError when a side would not stay a multiple of 32."""
+    w, h, f = bucket
+    if downscale == 1:
+        return [w, h, f]
+    step = SPATIAL_MULTIPLE * downscale
+    if w % step or h % step:
+        raise UserError(
+            f"dataset.reference_downscale: {downscale} would encode the references of {what} {w}x{h}x{f} at "
+            f"{w / downscale:g}x{h / downscale:g}, not multiples of 32; use a width and height that are multiples "
+            f"of {step}, or a smaller reference_downscale"
+        )
+    return [w // downscale, h // downscale, f]
 
 
 @dataclass

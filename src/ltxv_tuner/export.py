@@ -29,6 +29,8 @@ SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 # diffusers reads the LoRA's alpha/rank from this metadata key (a JSON dict with keys "transformer.<field>").
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+# IC-LoRA: how many times smaller than the generated video the reference is encoded (inference reads it).
+REFERENCE_DOWNSCALE_KEY = "reference_downscale_factor"
 META_PREFIX = "ltxv_tuner."
 FAMILY_KEY = FAMILY_METADATA_KEY  # the model family (models/<family>.py) a weight file belongs to
 MODELSPEC_ARCHITECTURE = keys.MODELSPEC_ARCHITECTURE  # LTXV's; each family's keys module has its own
@@ -101,6 +103,10 @@ def training_metadata(cfg, step: int) -> dict[str, str]:
     }
     if cfg.dataset.id_token:
         meta["modelspec.trigger_phrase"] = cfg.dataset.id_token
+    if cfg.training.strategy == "ic_lora":
+        # Read by ComfyUI-LTXVideo's LTXICLoRALoaderModelOnly and Lightricks' ltx-pipelines (what ltx-trainer writes):
+        # the size ratio between the clip and its reference, as a string ("1", "2").
+        meta[REFERENCE_DOWNSCALE_KEY] = str(cfg.dataset.reference_downscale)
     if lora:
         meta |= {
             f"{META_PREFIX}rank": str(cfg.lora.rank),

@@ -1,11 +1,16 @@
 """IC-LoRA validation videos: the LoRA being trained, steered by a reference video, sampled the way it trains.
 
-The reference clip (validation.reference_videos[i], resized and cropped to validation.video_dims like training
-clips) is encoded and prepended as clean tokens at timestep 0 - exactly the training layout - while the target
-tokens are denoised by the family's flow-match scheduler (same sigmas and shift as LTXPipeline) with
-classifier-free guidance. diffusers' LTXConditionPipeline is not used: for a condition video at frame 0 it
-overwrites the first target frames with the reference instead of prepending it, which is not what an IC-LoRA
-learned. Writes <index>_<n>_<prompt words>.mp4 and a side-by-side <...>_side_by_side.mp4 (reference | result).
+The reference clip (validation.reference_videos[i], resized and cropped like training clips to validation.video_dims
+divided by dataset.reference_downscale) is encoded and given to the model as clean tokens at timestep 0 - exactly
+the training layout:
+- LTX-2: diffusers' LTX2InContextPipeline (the family's `render_ic_validation`), which appends the reference tokens
+  with the positions training gives them and generates the audio track too;
+- LTXV 0.9.x: this module's sampler - the target tokens denoised by the family's flow-match scheduler (same sigmas
+  and shift as LTXPipeline) with classifier-free guidance. diffusers' LTXConditionPipeline is not used: for a
+  condition video at frame 0 it overwrites the first target frames with the reference instead of prepending it,
+  which is not what an IC-LoRA learned.
+Writes <index>_<n>_<prompt words>.mp4 and a side-by-side <...>_side_by_side.mp4 (reference | result; a downscaled
+reference is shown enlarged by pixel repetition, as the model saw it).
 """
 
 from __future__ import annotations
@@ -17,13 +22,19 @@ import torch
 
 from .checkpoints import validation_dir
 from .config import Config
+from .data import reference_bucket
 from .errors import UserError
 from .models import family
 from .video import VideoError, frames_to_vae_input, read_clip
 
 
+def reference_dims(cfg: Config) -> list[int]:
+    """[width, height, frames] the validation references are read at: validation.video_dims / reference_downscale."""
+    return reference_bucket(cfg.validation.video_dims, cfg.dataset.reference_downscale, "validation.video_dims")
+
+
 def read_reference(path: str, dims: list[int], index: int) -> torch.Tensor:
-    """uint8 [F, H, W, 3] of the reference, resized to cover the validation size and centre-cropped."""
+    """uint8 [F, H, W, 3] of the reference, resized to cover `dims` (`reference_dims`) and centre-cropped."""
     width, height, frames = dims
     if not Path(path).expanduser().is_file():
         raise UserError(f"validation.reference_videos[{index}]: {path} does not exist (give one video per prompt)")
@@ -78,20 +89,39 @@ def sample(cfg: Config, s: dict, transformer, vae, embeds, mask, reference: torc
     return fam.decode_latents(vae, out.to(dtype))
 
 
+def _generator(cfg: Config, s: dict, transformer, parts, prompt: str, reference: torch.Tensor, device):
+    """generator -> (uint8 video [F, H, W, 3], audio or None, audio sample rate or None), with the family's IC-LoRA
+    pipeline where it has one, else this module's sampler."""
+    fam = family(cfg.model)
+    vae, tokenizer, text_encoder = parts
+    if fam.render_ic_validation is not None:
+        pipe = fam.validation_pipeline(cfg.model, transformer, vae, tokenizer, text_encoder)
+        texts = fam.validation_texts(cfg, s, tokenizer, text_encoder, prompt, device)
+
+        def generate(generator):
+            video, audio, rate = fam.render_ic_validation(pipe, cfg, s, texts, reference, generator)
+            return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8), audio, rate
+
+        return generate
+    embeds, mask = _encode_prompts(cfg, s, tokenizer, text_encoder, prompt, device)
+    return lambda generator: (sample(cfg, s, transformer, vae, embeds, mask, reference, generator).numpy(), None, None)
+
+
 def render(cfg: Config, s: dict, transformer, parts, run_dir, step: int, index: int, prompt: str, slug, write_mp4):
     """The videos of one prompt with its reference: yields (result mp4, seed); a side-by-side mp4 (reference |
     result) is written beside each."""
     v = cfg.validation
-    vae, tokenizer, text_encoder = parts
     device = next(transformer.parameters()).device
     out_dir = validation_dir(run_dir, step)
-    reference = read_reference(v.reference_videos[index], v.video_dims, index)
-    embeds, mask = _encode_prompts(cfg, s, tokenizer, text_encoder, prompt, device)
+    reference = read_reference(v.reference_videos[index], reference_dims(cfg), index)
+    generate = _generator(cfg, s, transformer, parts, prompt, reference, device)
+    n = cfg.dataset.reference_downscale
+    shown = reference.repeat_interleave(n, dim=1).repeat_interleave(n, dim=2).numpy()  # at the result's size
     for j in range(v.videos_per_prompt):
         seed = v.seed + 1000 * index + j
-        frames = sample(cfg, s, transformer, vae, embeds, mask, reference, torch.Generator(device).manual_seed(seed))
+        frames, audio, rate = generate(torch.Generator(device).manual_seed(seed))
         name = f"{index:02d}_{j:02d}_{slug(prompt)}"
-        path = write_mp4(frames.numpy(), out_dir / f"{name}.mp4", s["frame_rate"])
-        side = torch.cat([reference[: frames.shape[0]], frames], dim=2)  # [F, H, 2W, 3]
-        write_mp4(side.numpy(), out_dir / f"{name}_side_by_side.mp4", s["frame_rate"])
+        path = write_mp4(frames, out_dir / f"{name}.mp4", s["frame_rate"], audio, rate)
+        side = np.concatenate([shown[: frames.shape[0]], frames], axis=2)  # [F, H, 2W, 3]
+        write_mp4(side, out_dir / f"{name}_side_by_side.mp4", s["frame_rate"], audio, rate)
         yield path, seed

@@ -18,6 +18,7 @@ import torch
 from . import checkpoints as ckpts
 from . import models
 from .config import Config
+from .data import reference_bucket
 from .errors import UserError
 
 log = logging.getLogger("ltxv_tuner")
@@ -62,10 +63,10 @@ def check(cfg: Config, only: str | None = None, resume: str | None = None) -> Re
 
         load_images(cfg)  # a missing first-frame image must not surface only at the first validation, hours in
         if cfg.validation.reference_videos:
-            from .ic_validation import read_reference
+            from .ic_validation import read_reference, reference_dims
 
             for i, path in enumerate(cfg.validation.reference_videos):
-                read_reference(path, cfg.validation.video_dims, i)
+                read_reference(path, reference_dims(cfg), i)
     report_device(cfg)
     # The architecture from the config or a local file's header: a wrong file fails before any download or encode.
     report(cfg, models.family(cfg.model).architecture(cfg.model))
@@ -255,10 +256,16 @@ def _lora_params(tcfg: dict, rank: int, targets: list[str]) -> int:
     return per_block * tcfg["num_layers"]
 
 
+def reference_tokens(cfg: Config, bucket: list[int]) -> int:
+    """Tokens of a clip's IC-LoRA reference (0 without one): its bucket / `dataset.reference_downscale`."""
+    if cfg.training.strategy != "ic_lora":
+        return 0
+    return models.family(cfg.model).sequence_length(*reference_bucket(bucket, cfg.dataset.reference_downscale))
+
+
 def transformer_tokens(cfg: Config, bucket: list[int]) -> int:
-    """Tokens the transformer sees per clip: the clip's, and as many again for an IC-LoRA reference."""
-    tokens = models.family(cfg.model).sequence_length(*bucket)
-    return 2 * tokens if cfg.training.strategy == "ic_lora" else tokens
+    """Tokens the transformer sees per clip: the clip's, and its IC-LoRA reference's."""
+    return models.family(cfg.model).sequence_length(*bucket) + reference_tokens(cfg, bucket)
 
 
 def estimate_memory(
@@ -344,7 +351,7 @@ def report(cfg: Config, tcfg: dict | None, gpu: tuple[str, float] | None = None)
         tokens = transformer_tokens(cfg, bucket)
         line = f"preflight: bucket {bucket[0]}x{bucket[1]}x{bucket[2]}: {tokens} tokens"
         if cfg.training.strategy == "ic_lora":
-            line += " (half of them the reference's)"
+            line += f" ({reference_tokens(cfg, bucket)} of them the reference's)"
         if n_params:
             est = estimate_memory(cfg, tcfg, bucket, n_params, processes, frozen=frozen)
             sharded = f", sharded over {processes} processes" if cfg.training.sharding == "fsdp" else ""

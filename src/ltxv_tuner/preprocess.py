@@ -56,6 +56,7 @@ from .data import (
     choose_bucket,
     final_caption,
     read_caption,
+    reference_bucket,
     scan_folder,
     scan_references,
 )
@@ -125,10 +126,13 @@ def _audio_settings(cfg, ident: dict) -> dict:
 
 
 def _reference_settings(cfg) -> dict:
-    """IC-LoRA only (a text-to-video cache's settings, and so its manifest, stay as they were)."""
+    """IC-LoRA only (a text-to-video cache's settings, and so its manifest, stay as they were); the downscale only
+    when it is not 1 (a full-size reference cache keeps its manifest)."""
     if cfg.training.strategy != "ic_lora":
         return {}
-    return {"reference_folder": str(_existing_folder(cfg.dataset.reference_folder, "dataset.reference_folder"))}
+    folder = str(_existing_folder(cfg.dataset.reference_folder, "dataset.reference_folder"))
+    downscale = cfg.dataset.reference_downscale
+    return {"reference_folder": folder} | ({"reference_downscale": downscale} if downscale != 1 else {})
 
 
 def _latent_key(settings: dict, sha256: str, bucket: list[int], start: int) -> str:
@@ -303,7 +307,8 @@ class _Report:
 
 
 def _plan_reference(src: ClipSource, refs: ReferenceScan, index: _SourceIndex, settings: dict, bucket, start):
-    """(the reference _Item, None) or (None, why the clip is skipped)."""
+    """(the reference _Item, None) or (None, why the clip is skipped). The reference takes the clip's frames and
+    crop at its bucket divided by `reference_downscale` (the encoded size is in its latent key, like any bucket)."""
     path = refs.by_clip.get(src.rel)
     if path is None:
         return None, next(i.reason for i in refs.missing if i.path == src.rel)
@@ -318,10 +323,11 @@ def _plan_reference(src: ClipSource, refs: ReferenceScan, index: _SourceIndex, s
             f"reference {rsrc.rel} has {frames} frames; the clip is trained on frames {start}..{start + bucket[2] - 1} "
             "and the reference must cover the same span"
         )
-    key = _latent_key(settings, entry["sha256"], bucket, start)
+    ref_bucket = reference_bucket(bucket, settings.get("reference_downscale", 1))
+    key = _latent_key(settings, entry["sha256"], ref_bucket, start)
     if key in entry.get("failed", {}):
         return None, f"reference {rsrc.rel}: {entry['failed'][key]}"
-    return _Item(src=rsrc, caption="", bucket=bucket, start=start, latent_key=key, condition_key=""), None
+    return _Item(src=rsrc, caption="", bucket=ref_bucket, start=start, latent_key=key, condition_key=""), None
 
 
 def _plan_clip(folder: Path, src: ClipSource, index: _SourceIndex, settings: dict, refs, report: _Report):

@@ -132,7 +132,8 @@ def _render_ic_lora(cfg: Config, transformer, parts, run_dir: Path, step: int, a
                 for path, seed in videos:
                     record = {**_record(cfg, s, step, prompt, i, seed), "mode": "ic-lora",
                               "reference_video": cfg.validation.reference_videos[i],
-                              "pipeline": "ltxv_tuner.ic_validation (reference tokens prepended)"}  # fmt: skip
+                              "reference_downscale": cfg.dataset.reference_downscale,
+                              "pipeline": family(cfg.model).IC_VALIDATION_PIPELINE}  # fmt: skip
                     write_sidecar(path, record)
                     written.append(path)
     finally:

@@ -10,6 +10,7 @@ Adding a family: see docs/DESIGN.md, "Adding a model family".
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 from typing import Protocol
 
@@ -23,6 +24,10 @@ class ModelFamily(Protocol):
 
     PARAMETERS_MAY_GO_UNUSED: bool  # some trainable weights can sit out a step (data parallel must allow it)
     VALIDATION_PIPELINE: str  # what renders validation videos (recorded in their .txt)
+    IC_VALIDATION_PIPELINE: str  # what renders IC-LoRA validation videos
+    # IC-LoRA validation through the family's own pipeline (LTX-2), or None: ic_validation's sampler and `forward`
+    # with `reference_grid` render it
+    render_ic_validation: Callable | None
     LOW_VRAM_CONFIG: str  # the shipped preset for small GPUs
 
     # weights: each component from any source the family supports
@@ -49,7 +54,7 @@ class ModelFamily(Protocol):
     # training: tokens, noise-level shift, the forward, the losses of one batch ({"loss": ..., parts})
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
     def scheduler_shift(self, seq_len: int) -> float: ...
-    def forward(self, transformer, tokens, timestep, batch: dict, grid: tuple[int, int, int]) -> torch.Tensor: ...
+    def forward(self, transformer, tokens, timestep, batch: dict, grid: tuple, reference_grid=None) -> torch.Tensor: ...
     def training_losses(self, transformer, batch: dict, generator, cfg, strategy) -> dict: ...
     def embedding_width(self, transformer) -> int: ...
     # validation: Lightricks' inference settings for the model, the noise levels to sample at, the pipeline

@@ -7,8 +7,9 @@ What differs from LTXV 0.9.x, and where it is answered here:
 - audio: the clip's own audio track -> stereo 16 kHz log-mel -> audio VAE latents, normalised in packed space,
   cached beside the video latents; clips without audio train video-only (cross-modal attention off);
 - training: the official trainer's (ltx-trainer) noise levels - a stretched, sequence-shifted logit-normal with 10 %
-  uniform draws - one level per sample shared by video and audio; video and audio velocity losses summed;
-- validation: diffusers' LTX2Pipeline (video with its generated audio track).
+  uniform draws - drawn per modality; video and audio velocity losses summed; IC-LoRA references prepended at the
+  positions ltx-trainer and LTX2InContextPipeline give them (`video_coords`, `dataset.reference_downscale`);
+- validation: diffusers' LTX2Pipeline (video with its generated audio track); IC-LoRA: LTX2InContextPipeline.
 Loading from every source is in `ltx2_load.py`, key names for original/ComfyUI files in `ltx2_keys.py`.
 """
 
@@ -52,6 +53,7 @@ PARAMETERS_MAY_GO_UNUSED = True
 LOW_VRAM_CONFIG = "configs/ltx2_low_vram.yaml"
 # The pipeline validation videos are rendered with (recorded in each video's .txt).
 VALIDATION_PIPELINE = "diffusers LTX2Pipeline (LTX2ImageToVideoPipeline with an image), generated audio muxed in"
+IC_VALIDATION_PIPELINE = "diffusers LTX2InContextPipeline (reference_conditions), generated audio muxed in"
 
 # --------------------------------------------------------------------------------------------------
 # Text: Gemma -> aggregate projection (cached) -> connectors (each step)
@@ -204,14 +206,16 @@ def audio_latent_frames(num_frames: int, fps: float) -> int:
 
 
 def check_config(cfg) -> None:
-    """Settings the LTX-2 family does not support yet, refused before any work."""
+    """Settings the LTX-2 family cannot honour, refused before any work: a text length the connectors' registers
+    cannot fill, an IC-LoRA reference size (`dataset.reference_downscale`) that is not a multiple of 32."""
+    from ..data import reference_bucket
     from ..errors import UserError
 
     if cfg.training.strategy == "ic_lora":
-        raise UserError(
-            "training.strategy: ic_lora is not built for LTX-2 models yet (it works with LTX-Video 0.9.x); "
-            "use text_to_video, or an LTXV model_source"
-        )
+        for bucket in cfg.dataset.resolution_buckets:
+            reference_bucket(bucket, cfg.dataset.reference_downscale)
+        if cfg.validation.interval is not None:
+            reference_bucket(cfg.validation.video_dims, cfg.dataset.reference_downscale, "validation.video_dims")
     registers = ltx2_load.component_config(cfg.model, "connectors").get("video_connector_num_learnable_registers")
     max_len = cfg.dataset.preprocessing.max_text_length
     if registers and max_len % registers:
@@ -285,12 +289,41 @@ def sample_sigmas(batch_size: int, mean: float, generator: torch.Generator) -> t
     return torch.where(pick > 0.1, stretched, uniform)
 
 
+def reference_downscale(grid: tuple[int, int, int], reference_grid: tuple[int, int, int]) -> int:
+    """How many times smaller the reference's latent grid is than the clip's, in height and width (ltx-trainer infers
+    the factor the same way); ValueError unless it is one whole factor for both."""
+    (_, h, w), (_, rh, rw) = grid, reference_grid
+    if h % rh or w % rw or h // rh != w // rw:
+        raise ValueError(f"reference latent grid {reference_grid} is not the clip's grid {grid} divided by one factor")
+    return h // rh
+
+
+def video_coords(transformer, grid, fps: float, batch_size: int, device, reference_grid=None) -> torch.Tensor:
+    """[B, 3, tokens, 2] RoPE positions of the video tokens. The clip's: exactly what the transformer computes itself
+    for num_frames/height/width/fps (`rope.prepare_video_coords`: pixel-space patch bounds, causal first-frame shift,
+    time / fps). With an IC-LoRA reference prepended, the reference's first: its own latent grid through the same
+    function, height and width positions multiplied by the downscale factor, time positions untouched - as ltx-trainer
+    (`VideoToVideoStrategy`, flexible `_apply_reference_condition`) and diffusers' LTX2InContextPipeline
+    (`_encode_reference_conditions`) place them."""
+    rope = _unwrap(transformer).rope
+    f, h, w = grid
+    target = rope.prepare_video_coords(batch_size, f, h, w, device, fps=fps)
+    if reference_grid is None:
+        return target
+    factor = reference_downscale(grid, reference_grid)
+    ref = rope.prepare_video_coords(batch_size, *reference_grid, device, fps=fps)
+    ref[:, 1:] = ref[:, 1:] * factor
+    return torch.cat([ref, target], dim=2)
+
+
 def forward_av(transformer, video: torch.Tensor, video_t: torch.Tensor, audio: torch.Tensor, audio_t, batch: dict,
-               grid: tuple[int, int, int], sigmas: tuple, with_audio: bool):  # fmt: skip
+               grid: tuple[int, int, int], sigmas: tuple, with_audio: bool, coords=None):  # fmt: skip
     """The audio-video forward: packed video tokens + their timesteps (x1000, [B] or [B, seq]), packed audio tokens
     [B, T, 128] + timesteps, (video, audio) noise levels [B] (LTX-2.3's prompt modulation), text contexts from the
     cached features through the frozen connectors. Without audio the modalities are isolated (no cross-modal
-    attention): the video stream is then what a video-only model computes. Returns (video, audio velocity)."""
+    attention): the video stream is then what a video-only model computes. `coords`: the video tokens' positions
+    when they are not just the clip's grid (IC-LoRA: `video_coords` with the reference). Returns (video, audio
+    velocity)."""
     model = _unwrap(transformer)
     dtype = model.proj_in.weight.dtype
     connectors = connectors_of(transformer, video.device, dtype)
@@ -307,33 +340,42 @@ def forward_av(transformer, video: torch.Tensor, video_t: torch.Tensor, audio: t
         timestep=video_t, audio_timestep=audio_t, sigma=sigmas[0] * 1000.0, audio_sigma=sigmas[1] * 1000.0,
         encoder_attention_mask=ctx_mask, audio_encoder_attention_mask=ctx_mask,
         num_frames=f, height=h, width=w, fps=float(batch["fps"][0]), audio_num_frames=audio.shape[1],
-        isolate_modalities=not with_audio, return_dict=False,
+        isolate_modalities=not with_audio, video_coords=coords, return_dict=False,
     )  # fmt: skip
     return out[0], out[1]
 
 
 def forward(transformer, tokens, timestep, batch: dict, grid, reference_grid=None):
-    """Video-only forward (the `ModelFamily` contract): one silent audio token, modalities isolated."""
-    if reference_grid is not None:
-        raise NotImplementedError("IC-LoRA for LTX-2 is not built yet")
+    """Video-only forward (the `ModelFamily` contract): one silent audio token, modalities isolated. With
+    `reference_grid` the first tokens are an IC-LoRA reference of that latent grid (`video_coords`)."""
     audio = torch.zeros(tokens.shape[0], 1, AUDIO_LATENT_CHANNELS * AUDIO_LATENT_MEL, device=tokens.device)
     t = timestep if timestep.ndim == 1 else timestep.amax(dim=1)
-    return forward_av(transformer, tokens, timestep, audio, t, batch, grid, (t / 1000.0, t / 1000.0), False)[0]
+    coords = None
+    if reference_grid is not None:
+        coords = video_coords(transformer, grid, float(batch["fps"][0]), tokens.shape[0], tokens.device, reference_grid)
+    sigmas = (t / 1000.0, t / 1000.0)
+    return forward_av(transformer, tokens, timestep, audio, t, batch, grid, sigmas, False, coords)[0]
 
 
 def training_losses(transformer, batch: dict, generator: torch.Generator, cfg, strategy) -> dict[str, torch.Tensor]:
-    """One LTX-2 training forward, as ltx-trainer's `flexible` strategy (its shipped t2v/i2v configs): the strategy
-    noises the video (first-frame conditioning included) at a level from the official sampler shifted for the video
-    token count; the audio (when the batch has it) gets its own level, shifted for the audio token count, and its
-    own noise; loss = video loss + audio loss. Draw order: video (strategy), audio level, audio noise."""
+    """One LTX-2 training forward, as ltx-trainer's `flexible` strategy (its shipped t2v/i2v/v2v configs): the
+    strategy noises the video (first-frame conditioning included) at a level from the official sampler shifted for
+    the clip's video token count, and prepends an IC-LoRA reference (clean, timestep 0, out of the loss; positions
+    from `video_coords`); the audio (when the batch has it) gets its own level, shifted for the audio token count,
+    and its own noise; loss = video loss + audio loss. Draw order: video (strategy), audio level, audio noise."""
     from ..strategies.flow_matching import flow_matching_loss, noisy, velocity
 
     latents = batch["latents"]
     b, _, f, h, w = latents.shape
     x0 = pack_latents(latents.float())
+    ref = batch.get("reference_latents")
+    reference = pack_latents(ref.float()) if ref is not None else None
     inputs = strategy.prepare(
-        x0, h * w, scheduler_shift(f * h * w), generator, cfg.training, None, sampler=sample_sigmas
+        x0, h * w, scheduler_shift(f * h * w), generator, cfg.training, reference, sampler=sample_sigmas
     )
+    coords = None
+    if inputs.prepended:
+        coords = video_coords(transformer, (f, h, w), float(batch["fps"][0]), b, x0.device, tuple(ref.shape[2:]))
     audio_latents = batch.get("audio_latents")
     with_audio = audio_latents is not None
     if with_audio:
@@ -346,7 +388,7 @@ def training_losses(transformer, batch: dict, generator: torch.Generator, cfg, s
         a_sigma = inputs.sigmas
         a_tokens = torch.zeros(b, 1, AUDIO_LATENT_CHANNELS * AUDIO_LATENT_MEL, device=x0.device)
     v_pred, a_pred = forward_av(transformer, inputs.tokens, inputs.timestep, a_tokens, a_sigma * 1000.0, batch,
-                                (f, h, w), (inputs.sigmas, a_sigma), with_audio)  # fmt: skip
+                                (f, h, w), (inputs.sigmas, a_sigma), with_audio, coords)  # fmt: skip
     video_loss = flow_matching_loss(strategy.prediction_for_loss(v_pred, inputs), inputs.target, inputs.loss_mask)
     if not with_audio:  # the same keys every step: processes reduce the parts together (nan = not in this batch)
         return {"loss": video_loss, "loss_video": video_loss, "loss_audio": torch.full_like(video_loss, math.nan)}
@@ -429,8 +471,25 @@ def validation_texts(cfg, s: dict, tokenizer, text_encoder, prompt: str, device)
     return {"prompt": prompt, "negative": negative}
 
 
-def render_validation(pipe, cfg, s: dict, texts: dict, image, generator):
-    """(video [F, H, W, 3] floats in [0, 1], audio [channels, samples] in [-1, 1], audio sample rate)."""
+def render_ic_validation(pipe, cfg, s: dict, texts: dict, reference: torch.Tensor, generator):
+    """An IC-LoRA validation video: diffusers' LTX2InContextPipeline on the validation pipeline's parts, the reference
+    (uint8 [F, H/n, W/n, 3], already read at the size training encodes references) as its reference condition with
+    `reference_downscale_factor` n. Returns what `render_validation` returns."""
+    from diffusers import LTX2InContextPipeline
+    from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
+    from PIL import Image
+
+    parts = ("scheduler", "vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "transformer", "vocoder")
+    ic = LTX2InContextPipeline(**{name: pipe.components[name] for name in parts})
+    ic.set_progress_bar_config(disable=True)
+    condition = LTX2ReferenceCondition(frames=[Image.fromarray(frame) for frame in reference.numpy()])
+    extra = {"reference_conditions": [condition], "reference_downscale_factor": cfg.dataset.reference_downscale}
+    return render_validation(ic, cfg, s, texts, None, generator, **extra)
+
+
+def render_validation(pipe, cfg, s: dict, texts: dict, image, generator, **extra):
+    """(video [F, H, W, 3] floats in [0, 1], audio [channels, samples] in [-1, 1], audio sample rate). `extra`: more
+    arguments of the pipeline (IC-LoRA's reference)."""
     import numpy as np
     from diffusers import LTX2ImageToVideoPipeline
 
@@ -447,7 +506,7 @@ def render_validation(pipe, cfg, s: dict, texts: dict, image, generator):
         frame_rate=s["frame_rate"], sigmas=list(s["sigmas"]), num_inference_steps=len(s["sigmas"]),
         audio_stg_scale=s["stg_scale"], spatio_temporal_guidance_blocks=[min(STG_BLOCK, blocks - 1)],
         decode_timestep=s["decode_timestep"], decode_noise_scale=s["decode_noise_scale"],
-        max_sequence_length=s["max_text_length"], generator=generator, output_type="np", **guided, **kwargs,
+        max_sequence_length=s["max_text_length"], generator=generator, output_type="np", **guided, **kwargs, **extra,
     )  # fmt: skip
     video = np.asarray(out.frames[0], dtype=np.float32)
     audio = out.audio[0].float().cpu().clamp(-1, 1)

@@ -252,6 +252,9 @@ PARAMETERS_MAY_GO_UNUSED = False
 LOW_VRAM_CONFIG = "configs/low_vram_24gb.yaml"
 # The pipeline validation videos are rendered with (recorded in each video's .txt).
 VALIDATION_PIPELINE = "diffusers LTXConditionPipeline"
+# IC-LoRA validation: no diffusers pipeline prepends a reference for LTXV, so ic_validation's own sampler renders it.
+IC_VALIDATION_PIPELINE = "ltxv_tuner.ic_validation (reference tokens prepended)"
+render_ic_validation = None
 
 # --------------------------------------------------------------------------------------------------
 # Public loaders
@@ -619,6 +622,12 @@ def frozen_params(model_cfg) -> int:
 def check_config(cfg) -> None:
     """Settings this family cannot honour, refused before any work."""
     audio_mode(cfg)
+    if cfg.dataset.reference_downscale != 1:
+        raise UserError(
+            f"dataset.reference_downscale: {cfg.dataset.reference_downscale}: {cfg.model.model_source} is an "
+            "LTX-Video 0.9.x model, whose IC-LoRAs take the reference at the clip's own size (its reference tokens "
+            "sit on the clip's grid); use 1, or an LTX-2 model"
+        )
 
 
 def audio_mode(cfg) -> str:

@@ -2,8 +2,9 @@
 
 The clip is trained exactly as text-to-video (same noise levels, noise and first-frame conditioning draws), with
 the reference clip's latents prepended as clean tokens: timestep 0, never noised, never in the loss. The model
-sees the reference through attention only and learns to follow it. Positions: the reference tokens take the
-target's grid (LTXV 0.9.x, as Lightricks' trainer does); the model family places them (`reference_grid`).
+sees the reference through attention only and learns to follow it. Positions are the model family's (`forward`
+with `reference_grid`): LTXV 0.9.x puts the reference tokens on the target's grid (as Lightricks' trainer does);
+LTX-2 on the reference's own grid, scaled up to the clip's size when `dataset.reference_downscale` > 1.
 """
 
 from __future__ import annotations
