@@ -319,8 +319,10 @@ def video_coords(transformer, grid, fps: float, batch_size: int, device, referen
 def forward_av(transformer, video: torch.Tensor, video_t: torch.Tensor, audio: torch.Tensor, audio_t, batch: dict,
                grid: tuple[int, int, int], sigmas: tuple, with_audio: bool, coords=None):  # fmt: skip
     """The audio-video forward: packed video tokens + their timesteps (x1000, [B] or [B, seq]), packed audio tokens
-    [B, T, 128] + timesteps, (video, audio) noise levels [B] (LTX-2.3's prompt modulation), text contexts from the
-    cached features through the frozen connectors. Without audio the modalities are isolated (no cross-modal
+    [B, T, 128] + timesteps, (video, audio) noise levels [B] (LTX-2.3's prompt modulation; the cross-modal
+    attention's modulation takes the other modality's level, `use_cross_timestep` as diffusers' LTX-2 pipelines
+    call it and as ltx-core gates it), text contexts from the cached features through the frozen connectors. Without
+    audio the modalities are isolated (no cross-modal
     attention): the video stream is then what a video-only model computes. `coords`: the video tokens' positions
     when they are not just the clip's grid (IC-LoRA: `video_coords` with the reference). Returns (video, audio
     velocity)."""
@@ -340,7 +342,7 @@ def forward_av(transformer, video: torch.Tensor, video_t: torch.Tensor, audio: t
         timestep=video_t, audio_timestep=audio_t, sigma=sigmas[0] * 1000.0, audio_sigma=sigmas[1] * 1000.0,
         encoder_attention_mask=ctx_mask, audio_encoder_attention_mask=ctx_mask,
         num_frames=f, height=h, width=w, fps=float(batch["fps"][0]), audio_num_frames=audio.shape[1],
-        isolate_modalities=not with_audio, video_coords=coords, return_dict=False,
+        isolate_modalities=not with_audio, use_cross_timestep=True, video_coords=coords, return_dict=False,
     )  # fmt: skip
     return out[0], out[1]
 
