@@ -19,6 +19,7 @@ from test_training import make_cache, make_config, trainable_from_checkpoint
 
 from ltxv_tuner import cache, checkpoints, cli, launch, locks, pipeline, preflight, training
 from ltxv_tuner.config import load_config
+from ltxv_tuner.dataset import BatchOrder, CachedDataset, CacheFileChanged, step_batches
 from ltxv_tuner.errors import ConfigError, UserError, explain_failure
 
 
@@ -71,6 +72,31 @@ def test_weights_that_overflow_are_never_exported(tmp_path, manifest, monkeypatc
 
 
 # --------------------------------------------------------------------------------------------------
+# Cache files verified by content
+
+
+def test_a_cache_file_changed_after_preprocessing_stops_training_in_one_line_naming_it(tmp_path, manifest):
+    clip = cache.Manifest.read(manifest).clips[1]
+    path = cache.latent_path(manifest.parent.parent, clip.latent_key)
+    size = path.stat().st_size
+    cache.save_tensors_atomic(path, {"latents": torch.zeros(clip.latent_shape)})  # another file of the same size
+    assert path.stat().st_size == size
+    run = tmp_path / "run"
+    with pytest.raises(CacheFileChanged) as err:
+        training.train(make_config(tmp_path, training={"steps": 2}), run, manifest)
+    message = str(err.value)
+    assert message.startswith(f"{path}: this cache file changed since preprocessing wrote it")
+    assert "run the preprocess stage again" in message and "\n" not in message
+    assert checkpoints.weight_files(run) == []
+    # GPU runs read ahead in a DataLoader worker process: the error comes back as the same one line
+    data = CachedDataset(manifest, make_config(tmp_path))
+    order = BatchOrder(data.bucket_groups(), 2, seed=7)
+    with pytest.raises(CacheFileChanged) as err:
+        list(step_batches(data, order, 0, 0, 1, 1, 0, 1, torch.device("cpu"), workers=1))
+    assert str(err.value) == message
+
+
+# --------------------------------------------------------------------------------------------------
 # Validation never changes the training stream
 
 
@@ -108,6 +134,7 @@ import sys
 from pathlib import Path
 from ltxv_tuner import launch
 from ltxv_tuner.config import load_config
+from ltxv_tuner.dataset import BatchOrder, CachedDataset, CacheFileChanged, step_batches
 run, manifest = Path(sys.argv[2]), Path(sys.argv[3])
 launch.train(load_config(sys.argv[1]), run, manifest, resume_from=run if sys.argv[4] == "resume" else None)
 """
