@@ -4,9 +4,11 @@ a success, no run outlives its owner, nothing shared is deleted under a running 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -231,6 +233,62 @@ def test_killing_the_top_level_process_of_a_two_process_run_leaves_no_worker(tmp
             if locks.pid_alive(p):
                 os.kill(p, signal.SIGKILL)
         top.kill()
+
+
+# A launcher that starts a worker which needs 2 s to start (imports), then waits; the test kills it meanwhile.
+LAUNCHER = """
+import os, subprocess, sys, time
+worker = "import time; time.sleep(2); from ltxv_tuner import launch; launch.die_with_parent(); time.sleep(120)"
+env = {**os.environ, "LTXV_TUNER_OWNER_PID": sys.argv[1]}
+print(subprocess.Popen([sys.executable, "-c", worker], env=env).pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
+def test_a_worker_whose_launcher_died_while_it_started_exits_instead_of_waiting_for_a_rendezvous():
+    """The parent-death signal covers a parent that dies after the worker asked for it; a launcher killed while its
+    workers still import left them running (they then wait for the rendezvous for half an hour)."""
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(os.getpid())], stdout=subprocess.PIPE, text=True)
+    worker = int(launcher.stdout.readline())
+    try:
+        launcher.kill()  # before the worker reaches die_with_parent
+        launcher.wait()
+        assert locks.pid_alive(worker)
+        _wait_for(lambda: not locks.pid_alive(worker), "the orphaned worker to exit", timeout=30)
+    finally:
+        if locks.pid_alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+WORKER = """
+import sys, time
+from pathlib import Path
+from ltxv_tuner import locks
+with locks.run_worker(Path(sys.argv[1])):
+    time.sleep(120)
+"""
+
+
+def test_a_run_lock_is_not_taken_over_while_a_process_the_dead_owner_launched_still_runs(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner.wait()
+    (run / locks.RUN_LOCK_FILE).write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname()}))
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(run)])
+    try:
+        _wait_for(lambda: locks.live_workers(run), "the worker to register")
+        with pytest.raises(UserError, match=rf"launched still run \(process {worker.pid} .*kill {worker.pid}\)") as e:
+            with locks.run_lock(run):
+                pass
+        assert "\n" not in str(e.value)
+    finally:
+        worker.kill()
+        worker.wait()
+    with locks.run_lock(run) as lock:  # all gone: the stale lock is taken over
+        assert locks.read_holder(lock)["pid"] == os.getpid()
+    assert not list((run / locks.WORKERS_DIR).iterdir())
 
 
 # --------------------------------------------------------------------------------------------------
