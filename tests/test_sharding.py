@@ -228,11 +228,12 @@ def test_preflight_estimate_per_gpu_under_sharding_and_the_advice_for_a_13b_full
 def test_a_sharded_checkpoint_missing_a_process_shard_is_refused_with_the_fix(tmp_path):
     state = tmp_path / "run" / "checkpoints" / "step_000002" / "state"
     state.mkdir(parents=True)
-    torch.save({}, state / "scheduler.bin")  # accelerate's own files, as save_state writes them
-    (state / "random_states_0.pkl").write_bytes(b"x")
+    (state / "training_state.json").write_text(json.dumps({"step": 2, "data_position": 4, "num_processes": 2}))
+    for name in ("scheduler.bin", "random_states_0.pkl", "random_states_1.pkl"):  # as accelerate's save_state
+        torch.save({}, state / name)
     cache.save_tensors_atomic(sharding.shard_file(state, 0), {"model/w": torch.zeros(2)}, {"num_processes": "2"})
     assert sharding.saved_process_count(state) == 2
-    with pytest.raises(UserError, match=r"sharded_rank1.safetensors is damaged or missing.*delete that step folder"):
+    with pytest.raises(UserError, match=r"sharded_rank1.safetensors is damaged or missing.*no earlier checkpoint"):
         checkpoints.check_state_files(state.parent)
     cache.save_tensors_atomic(sharding.shard_file(state, 1), {"model/w": torch.zeros(2)}, {"num_processes": "2"})
     checkpoints.check_state_files(state.parent)
