@@ -323,6 +323,62 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_earlier_checkpoints
     assert all(torch.equal(before[k], v) for k, v in trainable_from_checkpoint(run / "checkpoints/step_000002").items())
 
 
+class _FullDisk:
+    """A file whose writes fail as on a full disk once `full()` says so."""
+
+    def __init__(self, file, full):
+        self.file, self.full = file, full
+
+    def write(self, text):
+        if self.full():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.file.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def _fill_disk_for(monkeypatch, name: str, full) -> None:
+    """Writes to every file called `name` opened from now on fail with ENOSPC while `full()` is true."""
+    import builtins
+
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return _FullDisk(f, full) if Path(str(file)).name == name and set(mode) & set("wa") else f
+
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "train.log"])
+def test_disk_full_while_writing_the_run_logs_is_one_line_and_checkpoints_are_intact(
+    tmp_path, manifest, monkeypatch, capfd, name
+):
+    run = tmp_path / "run"
+    cfg = make_config(tmp_path, training={"steps": 4}, checkpoints={"interval": 2})
+    _fill_disk_for(monkeypatch, name, lambda: (run / "checkpoints" / "step_000002").exists())
+    with pytest.raises(UserError) as err:
+        training.train(cfg, run, manifest)
+    message = str(err.value)
+    what = {"metrics.jsonl": "the training metrics", "train.log": "the run log"}[name]
+    assert message.startswith(f"{run / 'logs' / name}: disk full while writing {what} (the run stopped; "
+                              "checkpoints written so far are intact"), message  # fmt: skip
+    assert "free space" in message and "--resume latest" in message and "\n" not in message
+    assert "Traceback" not in "".join(capfd.readouterr())  # not logging's own report of a failed write
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000002"]
+    before = trainable_from_checkpoint(run / "checkpoints" / "step_000002")
+    monkeypatch.undo()
+    assert training.train(cfg, run, manifest, resume_from=run).final_step == 4  # space freed: resume
+    assert all(torch.equal(before[k], v) for k, v in trainable_from_checkpoint(run / "checkpoints/step_000002").items())
+
+
 @pytest.mark.parametrize(
     ("failure", "answer"),
     [
