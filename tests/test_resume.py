@@ -301,7 +301,8 @@ def test_a_damaged_state_file_is_refused_naming_it_and_an_earlier_checkpoint_res
     """Issue 15: every state file (the RNG state included, which accelerate would skip silently) is checked
     against the checksum recorded when it was written; `--resume latest` refuses in one line naming the file and
     the checkpoint to resume from, and `--resume <that checkpoint>` trains the later steps again exactly."""
-    cfg = load_config(quickstart_config, ["training.steps=4", "checkpoints.interval=2", "lora.dropout=0.1"])
+    more = ["checkpoints.interval=2", "checkpoints.auto_convert_to_comfy=false"]
+    cfg = load_config(quickstart_config, ["training.steps=4", "lora.dropout=0.1", *more])
     run = pipeline.run(cfg)
     step2, step4 = checkpoints.checkpoint_dir(run, 2), checkpoints.checkpoint_dir(run, 4)
     want = trainable_from_checkpoint(step4)
@@ -321,3 +322,10 @@ def test_a_damaged_state_file_is_refused_naming_it_and_an_earlier_checkpoint_res
     assert pipeline.run(cfg, resume=str(step2)) == run
     _assert_same_weights(want, trainable_from_checkpoint(step4))
     assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]
+    # a caption edited since: preprocessing encodes it, then the resume is refused (other data, same clip count)
+    caption = Path(cfg.dataset.data_folder) / "sunset.txt"
+    caption.write_text(caption.read_text() + " at dusk")
+    with pytest.raises(UserError, match=r"the training data changed since .*step_000004 was written \(dataset: the "
+                       r"same 4 clip\(s\) count, but other clips, captions or latents\)"):  # fmt: skip
+        pipeline.run(load_config(quickstart_config, ["training.steps=6", "lora.dropout=0.1", *more]), resume="latest")
+    assert checkpoints.latest_checkpoint(run) == step4
