@@ -4,9 +4,11 @@ a success, no run outlives its owner, nothing shared is deleted under a running 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from test_training import make_cache, make_config, trainable_from_checkpoint
 
 from ltxv_tuner import cache, checkpoints, cli, launch, locks, pipeline, preflight, training
 from ltxv_tuner.config import load_config
+from ltxv_tuner.dataset import BatchOrder, CachedDataset, CacheFileChanged, step_batches
 from ltxv_tuner.errors import ConfigError, UserError, explain_failure
 
 
@@ -73,6 +76,31 @@ def test_weights_that_overflow_are_never_exported(tmp_path, manifest, monkeypatc
 
 
 # --------------------------------------------------------------------------------------------------
+# Cache files verified by content
+
+
+def test_a_cache_file_changed_after_preprocessing_stops_training_in_one_line_naming_it(tmp_path, manifest):
+    clip = cache.Manifest.read(manifest).clips[1]
+    path = cache.latent_path(manifest.parent.parent, clip.latent_key)
+    size = path.stat().st_size
+    cache.save_tensors_atomic(path, {"latents": torch.zeros(clip.latent_shape)})  # another file of the same size
+    assert path.stat().st_size == size
+    run = tmp_path / "run"
+    with pytest.raises(CacheFileChanged) as err:
+        training.train(make_config(tmp_path, training={"steps": 2}), run, manifest)
+    message = str(err.value)
+    assert message.startswith(f"{path}: this cache file changed since preprocessing wrote it")
+    assert "run the preprocess stage again" in message and "\n" not in message
+    assert checkpoints.weight_files(run) == []
+    # GPU runs read ahead in a DataLoader worker process: the error comes back as the same one line
+    data = CachedDataset(manifest, make_config(tmp_path))
+    order = BatchOrder(data.bucket_groups(), 2, seed=7)
+    with pytest.raises(CacheFileChanged) as err:
+        list(step_batches(data, order, 0, 0, 1, 1, 0, 1, torch.device("cpu"), workers=1))
+    assert str(err.value) == message
+
+
+# --------------------------------------------------------------------------------------------------
 # Validation never changes the training stream
 
 
@@ -110,6 +138,7 @@ import sys
 from pathlib import Path
 from ltxv_tuner import launch
 from ltxv_tuner.config import load_config
+from ltxv_tuner.dataset import BatchOrder, CachedDataset, CacheFileChanged, step_batches
 run, manifest = Path(sys.argv[2]), Path(sys.argv[3])
 launch.train(load_config(sys.argv[1]), run, manifest, resume_from=run if sys.argv[4] == "resume" else None)
 """
@@ -208,6 +237,62 @@ def test_killing_the_top_level_process_of_a_two_process_run_leaves_no_worker(tmp
         top.kill()
 
 
+# A launcher that starts a worker which needs 2 s to start (imports), then waits; the test kills it meanwhile.
+LAUNCHER = """
+import os, subprocess, sys, time
+worker = "import time; time.sleep(2); from ltxv_tuner import launch; launch.die_with_parent(); time.sleep(120)"
+env = {**os.environ, "LTXV_TUNER_OWNER_PID": sys.argv[1]}
+print(subprocess.Popen([sys.executable, "-c", worker], env=env).pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
+def test_a_worker_whose_launcher_died_while_it_started_exits_instead_of_waiting_for_a_rendezvous():
+    """The parent-death signal covers a parent that dies after the worker asked for it; a launcher killed while its
+    workers still import left them running (they then wait for the rendezvous for half an hour)."""
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(os.getpid())], stdout=subprocess.PIPE, text=True)
+    worker = int(launcher.stdout.readline())
+    try:
+        launcher.kill()  # before the worker reaches die_with_parent
+        launcher.wait()
+        assert locks.pid_alive(worker)
+        _wait_for(lambda: not locks.pid_alive(worker), "the orphaned worker to exit", timeout=30)
+    finally:
+        if locks.pid_alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+WORKER = """
+import sys, time
+from pathlib import Path
+from ltxv_tuner import locks
+with locks.run_worker(Path(sys.argv[1])):
+    time.sleep(120)
+"""
+
+
+def test_a_run_lock_is_not_taken_over_while_a_process_the_dead_owner_launched_still_runs(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner.wait()
+    (run / locks.RUN_LOCK_FILE).write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname()}))
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(run)])
+    try:
+        _wait_for(lambda: locks.live_workers(run), "the worker to register")
+        with pytest.raises(UserError, match=rf"launched still run \(process {worker.pid} .*kill {worker.pid}\)") as e:
+            with locks.run_lock(run):
+                pass
+        assert "\n" not in str(e.value)
+    finally:
+        worker.kill()
+        worker.wait()
+    with locks.run_lock(run) as lock:  # all gone: the stale lock is taken over
+        assert locks.read_holder(lock)["pid"] == os.getpid()
+    assert not list((run / locks.WORKERS_DIR).iterdir())
+
+
 # --------------------------------------------------------------------------------------------------
 # OS and library failures: one line with the path and the fix, earlier data intact
 
@@ -237,6 +322,62 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_earlier_checkpoints
     before = trainable_from_checkpoint(run / "checkpoints" / "step_000002")
     monkeypatch.undo()
     assert training.train(cfg, run, manifest, resume_from=run).final_step == 4  # same command again, space freed
+    assert all(torch.equal(before[k], v) for k, v in trainable_from_checkpoint(run / "checkpoints/step_000002").items())
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk once `full()` says so."""
+
+    def __init__(self, file, full):
+        self.file, self.full = file, full
+
+    def write(self, text):
+        if self.full():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.file.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def _fill_disk_for(monkeypatch, name: str, full) -> None:
+    """Writes to every file called `name` opened from now on fail with ENOSPC while `full()` is true."""
+    import builtins
+
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return _FullDisk(f, full) if Path(str(file)).name == name and set(mode) & set("wa") else f
+
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "train.log"])
+def test_disk_full_while_writing_the_run_logs_is_one_line_and_checkpoints_are_intact(
+    tmp_path, manifest, monkeypatch, capfd, name
+):
+    run = tmp_path / "run"
+    cfg = make_config(tmp_path, training={"steps": 4}, checkpoints={"interval": 2})
+    _fill_disk_for(monkeypatch, name, lambda: (run / "checkpoints" / "step_000002").exists())
+    with pytest.raises(UserError) as err:
+        training.train(cfg, run, manifest)
+    message = str(err.value)
+    what = {"metrics.jsonl": "the training metrics", "train.log": "the run log"}[name]
+    assert message.startswith(f"{run / 'logs' / name}: disk full while writing {what} (the run stopped; "
+                              "checkpoints written so far are intact"), message  # fmt: skip
+    assert "free space" in message and "--resume latest" in message and "\n" not in message
+    assert "Traceback" not in "".join(capfd.readouterr())  # not logging's own report of a failed write
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000002"]
+    before = trainable_from_checkpoint(run / "checkpoints" / "step_000002")
+    monkeypatch.undo()
+    assert training.train(cfg, run, manifest, resume_from=run).final_step == 4  # space freed: resume
     assert all(torch.equal(before[k], v) for k, v in trainable_from_checkpoint(run / "checkpoints/step_000002").items())
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 from test_preprocess import cache_files, changed
-from test_training import make_cache, make_config
+from test_training import make_cache, make_config, record_checksums
 from videogen import make_clip
 
 from ltxv_tuner import cache, launch, training
@@ -54,7 +54,7 @@ def add_reference_latents(manifest: Path, seed: int = 1) -> Path:
         )
         clip.reference, clip.reference_key = clip.video, key
     cache.write_json_atomic(manifest, m.to_json())
-    return manifest
+    return record_checksums(manifest)
 
 
 @pytest.fixture

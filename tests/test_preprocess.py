@@ -20,6 +20,7 @@ from videogen import make_clip, make_dataset
 
 from ltxv_tuner.cache import Manifest, cache_root, condition_path, latent_path, load_tensors, read_header
 from ltxv_tuner.config import validate_config
+from ltxv_tuner.dataset import CachedDataset, CacheFileChanged
 from ltxv_tuner.errors import UserError
 from ltxv_tuner.logs import setup_console_logging
 from ltxv_tuner.models import ltxv as models
@@ -275,7 +276,46 @@ def test_damaged_cache_file_is_encoded_again(data: Path, capsys):
     written = changed(before, cache_files(data))
     assert written == {f"latents/{bad_latent.name}", f"conditions/{bad_cond.name}"}
     assert list(load_tensors(bad_latent)["latents"].shape) == [128, 3, 3, 4]
-    assert "repaired 2 unreadable cache file(s)" in capsys.readouterr().out
+    assert "repaired 2 damaged cache file(s)" in capsys.readouterr().out
+
+
+def test_a_cache_file_changed_at_its_size_is_refused_by_training_and_encoded_again(data: Path, capsys):
+    """Issue 15: the checksum the manifest records catches what a size check cannot."""
+    mpath, cfg = manifest_of(data), make_cfg(data)
+    clip = by_video(mpath)["a.mp4"]
+    path = latent_path(cache_root(data), clip.latent_key)
+    original, want = path.read_bytes(), load_tensors(path)["latents"].clone()
+    path.write_bytes(original[:-8] + bytes(8))  # the last two floats zeroed: same size, a readable file
+    dataset = CachedDataset(mpath, cfg)
+    index = [c.video for c in dataset.clips].index("a.mp4")
+    with pytest.raises(CacheFileChanged) as err:
+        dataset[[index]]
+    assert str(err.value).startswith(f"{path}: this cache file changed since preprocessing wrote it")
+    assert "run the preprocess stage again" in str(err.value) and "\n" not in str(err.value)
+    capsys.readouterr()
+    run_preprocess(cfg)  # what the pipeline runs before training: not "cache reused"
+    out = capsys.readouterr().out
+    assert "cache reused" not in out and "changed since it was written (its checksum differs)" in out
+    assert re.search(r"latents\s+1\s+2\n", out), out
+    assert torch.equal(load_tensors(path)["latents"], want)  # encoded again, to the same numbers
+    assert CachedDataset(mpath, cfg)[[index]]["latents"].shape[0] == 1
+
+
+def test_a_manifest_from_before_checksums_keeps_working_and_gets_them_when_next_written(data: Path, capsys):
+    mpath, cfg = manifest_of(data), make_cfg(data)
+    raw = json.loads(mpath.read_text())
+    recorded = raw.pop("checksums")
+    assert len(recorded) == 6 and all(re.fullmatch(r"crc32:[0-9a-f]{8}", c) for c in recorded.values())
+    mpath.write_text(json.dumps(raw))
+    dataset = CachedDataset(mpath, cfg)
+    same_bucket = [i for i, c in enumerate(dataset.clips) if c.video in ("a.mp4", "c.mkv")]
+    assert dataset[same_bucket]["latents"].shape[0] == 2  # checked by size, as before
+    before = cache_files(data)
+    capsys.readouterr()
+    run_preprocess(cfg)
+    assert cache_files(data) == before  # nothing encoded again
+    assert re.search(r"latents\s+0\s+3\n", capsys.readouterr().out)
+    assert Manifest.read(mpath).checksums == recorded
 
 
 def test_prune_deletes_only_unreferenced(data: Path):
@@ -493,6 +533,7 @@ def test_previews_are_named_after_clip_and_bucket_and_follow_bucket_changes(tmp_
 KILL_SCRIPT = """
 import sys
 from ltxv_tuner.config import validate_config
+from ltxv_tuner.dataset import CacheFileChanged, CachedDataset
 from ltxv_tuner.logs import setup_console_logging
 from ltxv_tuner.preprocess import run_preprocess
 setup_console_logging(keep_backlog=False)  # the report goes through the package's console, as in train.py

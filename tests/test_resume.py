@@ -14,7 +14,8 @@ import pytest
 import torch
 from test_training import make_cache, make_config, trainable_from_checkpoint
 
-from ltxv_tuner import checkpoints, training
+from ltxv_tuner import checkpoints, pipeline, training
+from ltxv_tuner.config import load_config
 from ltxv_tuner.errors import UserError
 
 BUCKETS = ((64, 64, 9), (96, 64, 17))
@@ -169,9 +170,10 @@ def test_sigkill_after_a_checkpoint_then_resume_loses_nothing(tmp_path, manifest
     assert not list((run / "checkpoints").glob(".tmp*"))
 
 
-def test_a_partly_copied_or_damaged_checkpoint_is_refused_with_the_fix(tmp_path: Path):
+def test_a_partly_copied_or_damaged_checkpoint_from_before_checksums_is_refused_with_the_fix(tmp_path: Path):
     state = tmp_path / "step_000004" / "state"
     state.mkdir(parents=True)
+    (state / "training_state.json").write_text(json.dumps({"step": 4, "data_position": 8, "num_processes": 2}))
     (state / "optimizer.bin").write_bytes(b"PK\x03\x04 truncated")
     (state / "random_states_0.pkl").write_bytes(b"")
     (state / "trainable.safetensors").write_bytes(b"\x10\x00")
@@ -179,7 +181,8 @@ def test_a_partly_copied_or_damaged_checkpoint_is_refused_with_the_fix(tmp_path:
         checkpoints.check_state_files(tmp_path / "step_000004")
     msg = str(e.value)
     assert "optimizer.bin is damaged" in msg and "scheduler.bin is missing" in msg
-    assert "trainable.safetensors is damaged" in msg and "delete that step folder" in msg
+    assert "random_states_0.pkl is damaged" in msg and "random_states_1.pkl is missing" in msg
+    assert "trainable.safetensors is damaged" in msg and "no earlier checkpoint" in msg and "\n" not in msg
 
 
 def test_quant_int8_two_plus_two_steps_equal_four_straight(tmp_path, manifest):
@@ -223,7 +226,106 @@ def test_resume_that_stretches_the_lr_schedule_says_so(tmp_path, manifest):
         f"0.000e+00 at step 3 to {lr4:.3e} at step 4" in log
     )
 
-    training.train(cfg(5, learning_rate=5e-3), run, manifest, resume_from=run)  # same schedule, other peak LR
-    new = (run / "logs" / "train.log").read_text()[len(log) :]
-    assert "note: training.learning_rate 0.001 -> 0.005 is not applied on a resume" in new
-    assert "LR schedule now spans" not in new
+
+def test_resume_with_another_learning_rate_applies_it_to_the_optimizer_and_says_so(tmp_path, manifest, monkeypatch):
+    """The peak LR and weight decay live in the restored optimizer and schedule state: a changed value used to be
+    recorded in config.yaml and ignored. Now the optimizer steps with the new schedule's value from the next step."""
+
+    def cfg(steps, **training):
+        return make_config(
+            tmp_path, buckets=BUCKETS, checkpoints={"interval": 3},
+            training={"steps": steps, "scheduler_type": "linear", "weight_decay": 0.01, **training},
+        )  # fmt: skip
+
+    run = tmp_path / "run"
+    training.train(cfg(3), run, manifest)
+    before = (run / "logs" / "train.log").read_text()
+    seen = {}
+    real_fit = training.fit
+
+    def fit(tr):
+        seen.update(tr.optimizer.param_groups[0])
+        return real_fit(tr)
+
+    monkeypatch.setattr(training, "fit", fit)
+    training.train(cfg(6, learning_rate=5e-3, weight_decay=0.02), run, manifest, resume_from=run)
+    # the new linear schedule over 6 steps at step 3: 5e-3 * (6 - 3) / 6 (the restored state said 1e-3 * 0)
+    assert seen["lr"] == pytest.approx(2.5e-3, rel=1e-12) and seen["initial_lr"] == 5e-3
+    assert seen["weight_decay"] == 0.02
+    assert [r["lr"] for r in _metrics(run) if r["step"] > 3] == pytest.approx([5e-3 * 2 / 6, 5e-3 / 6, 0.0])
+    log = (run / "logs" / "train.log").read_text()[len(before) :]
+    assert (
+        "resume: changed since step_000003, applied from step 4: training.learning_rate 0.001 -> 0.005; "
+        "training.steps 3 -> 6; training.weight_decay 0.01 -> 0.02; the optimizer's learning rate for step 4 is "
+        "2.500e-03" in log
+    )
+
+
+def test_resume_refuses_settings_that_change_what_the_checkpoint_means_naming_both_values(tmp_path, manifest):
+    run = tmp_path / "run"
+    training.train(_cfg(tmp_path, 3), run, manifest)
+    changed = _cfg(tmp_path, 6, training={"batch_size": 1}, dataset={"id_token": "SQUISH"})
+    changed = changed.model_copy(update={"seed": 8})
+    with pytest.raises(UserError) as e:
+        training.train(changed, run, manifest, resume_from=run)
+    message = str(e.value)
+    assert "dataset.id_token: None -> 'SQUISH'; training.batch_size: 2 -> 1; seed: 7 -> 8" in message
+    assert "\n" not in message
+    # other data (here: other latents for the same clips) is refused too, once it is known (after preprocessing)
+    other = make_cache(tmp_path / "other", buckets=BUCKETS, clips_per_bucket=3, seed=1)
+    with pytest.raises(UserError, match=r"the training data changed since .*step_000003 was written \(dataset: the "
+                       r"same 6 clip\(s\) count, but other clips, captions or latents\)"):  # fmt: skip
+        training.train(_cfg(tmp_path, 6), run, other, resume_from=run)
+    assert checkpoints.latest_checkpoint(run).name == "step_000003"
+
+
+def test_a_checkpoint_from_before_checksums_still_resumes(tmp_path, manifest):
+    run = tmp_path / "run"
+    training.train(_cfg(tmp_path, 3), run, manifest)
+    path = run / "checkpoints" / "step_000003" / "state" / "training_state.json"
+    state = json.loads(path.read_text())
+    assert set(state["files"]) == {"optimizer.bin", "random_states_0.pkl", "scheduler.bin", "trainable.safetensors"}
+    path.write_text(json.dumps({k: v for k, v in state.items() if k not in ("files", "checksum", "data")}))
+    assert training.train(_cfg(tmp_path, 4), run, manifest, resume_from=run).final_step == 4
+
+
+def _damage(path: Path) -> bytes:
+    """Flip one byte in the middle (a torch zip archive stays a zip archive: only its checksum shows it)."""
+    original = path.read_bytes()
+    middle = len(original) // 2
+    path.write_bytes(original[:middle] + bytes([original[middle] ^ 0xFF]) + original[middle + 1 :])
+    return original
+
+
+def test_a_damaged_state_file_is_refused_naming_it_and_an_earlier_checkpoint_resumes_exactly(quickstart_config):
+    """Issue 15: every state file (the RNG state included, which accelerate would skip silently) is checked
+    against the checksum recorded when it was written; `--resume latest` refuses in one line naming the file and
+    the checkpoint to resume from, and `--resume <that checkpoint>` trains the later steps again exactly."""
+    more = ["checkpoints.interval=2", "checkpoints.auto_convert_to_comfy=false"]
+    cfg = load_config(quickstart_config, ["training.steps=4", "lora.dropout=0.1", *more])
+    run = pipeline.run(cfg)
+    step2, step4 = checkpoints.checkpoint_dir(run, 2), checkpoints.checkpoint_dir(run, 4)
+    want = trainable_from_checkpoint(step4)
+    want = {k: v.clone() for k, v in want.items()}
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainable.safetensors",
+                 "training_state.json"):  # fmt: skip
+        path = step4 / "state" / name
+        original = _damage(path)
+        with pytest.raises(UserError) as e:
+            pipeline.run(cfg, resume="latest")
+        message = str(e.value)
+        assert name in message and "damaged" in message and "\n" not in message, message
+        assert message.endswith(f"resume from the checkpoint before it: --resume {step2}"), message
+        if name != "random_states_0.pkl":
+            path.write_bytes(original)
+    # random_states_0.pkl of step 4 stays damaged: resume from step 2, which trains steps 3-4 again
+    assert pipeline.run(cfg, resume=str(step2)) == run
+    _assert_same_weights(want, trainable_from_checkpoint(step4))
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]
+    # a caption edited since: preprocessing encodes it, then the resume is refused (other data, same clip count)
+    caption = Path(cfg.dataset.data_folder) / "sunset.txt"
+    caption.write_text(caption.read_text() + " at dusk")
+    with pytest.raises(UserError, match=r"the training data changed since .*step_000004 was written \(dataset: the "
+                       r"same 4 clip\(s\) count, but other clips, captions or latents\)"):  # fmt: skip
+        pipeline.run(load_config(quickstart_config, ["training.steps=6", "lora.dropout=0.1", *more]), resume="latest")
+    assert checkpoints.latest_checkpoint(run) == step4

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors import safe_open
+from test_faults import _descendants, _wait_for
 from test_training import make_cache, make_config
 
-from ltxv_tuner import cache, checkpoints, convert, launch, preflight, sharding
-from ltxv_tuner.config import ModelConfig, validate_config
+from ltxv_tuner import cache, checkpoints, convert, launch, locks, pipeline, preflight, sharding
+from ltxv_tuner.config import ModelConfig, load_config, validate_config
 from ltxv_tuner.errors import ConfigError, UserError
 from ltxv_tuner.models import ltxv
 
@@ -66,36 +71,66 @@ def test_sharded_full_fine_tune_matches_data_parallel_and_exports_the_same_files
         assert set(a.keys()) == set(b.keys()) and a.metadata().keys() == b.metadata().keys()
 
 
-def test_sharded_run_killed_after_a_checkpoint_resumes_bit_identical(tmp_path):
-    buckets = ((64, 64, 9), (96, 64, 17))
-    manifest = make_cache(tmp_path / "data", buckets=buckets, clips_per_bucket=3)
-    hard = {"gradient_accumulation_steps": 2, "warmup_steps": 2, "first_frame_conditioning_p": 0.5,
-            "max_grad_norm": 0.05, "weight_decay": 0.1, "mixed_precision_mode": "bf16"}  # fmt: skip
-    cfg = _full(tmp_path, "fsdp", 4, buckets, **hard)
-    straight = tmp_path / "straight"
-    launch.train(cfg, straight, manifest)
-    # the run folder as a kill during steps 3-4 leaves it: checkpoint 2 complete, nothing after it
-    killed = tmp_path / "killed"
-    shutil.copytree(straight, killed)
-    shutil.rmtree(checkpoints.checkpoint_dir(killed, 4))
-    (killed / "logs" / "train_result.json").unlink()
-    resumed = launch.train(cfg, killed, manifest, resume_from=killed)
-    assert resumed.final_step == 4
-    a, b = checkpoints.checkpoint_dir(straight, 4), checkpoints.checkpoint_dir(killed, 4)
-    for rel in ("ltxv_transformer_step_000004.safetensors", "state/sharded_rank0.safetensors",
+# The quickstart clips, sharded over 2 processes, with everything that could make a resume drift: warmup, two
+# micro-batches per step, image-to-video draws, clipping, weight decay, bf16 autocast. A constant schedule, so the
+# LR does not depend on training.steps (the killed run is started with more steps than it will ever train).
+SHARDED_RUN = [
+    "model.training_mode=full", "training.distributed=true", "training.num_processes=2", "training.sharding=fsdp",
+    "training.scheduler_type=constant", "training.warmup_steps=2", "training.gradient_accumulation_steps=2",
+    "training.first_frame_conditioning_p=0.5", "training.max_grad_norm=0.05", "training.weight_decay=0.1",
+    "training.mixed_precision_mode=bf16", "checkpoints.interval=2", "checkpoints.auto_convert_to_comfy=false",
+]  # fmt: skip
+
+
+def test_sharded_run_killed_after_a_checkpoint_resumes_bit_identical(tmp_path, quickstart_config, capsys):
+    """Issue 16: the top-level train.py of a sharded run is SIGKILLed once checkpoint 2 is written; none of its
+    processes survives it, and `--resume latest` ends bit-identical to an uninterrupted run. (The uninterrupted run
+    and the resume go through `pipeline.run` in this process, as train.py calls it, to save two interpreter starts.)"""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    def config(*overrides):
+        return load_config(quickstart_config, [*SHARDED_RUN, *overrides])
+
+    reference = pipeline.run(config("training.steps=6", f"output_dir={straight}"))  # preprocesses the clips too
+
+    log = (tmp_path / "killed.log").open("w")
+    args = [str(quickstart_config), *SHARDED_RUN, "training.steps=100000", f"output_dir={killed}", "--only", "train"]
+    top = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], stdout=log, stderr=subprocess.STDOUT)
+    family: list[int] = []
+    try:
+        _wait_for(lambda: list(killed.glob("run_*/checkpoints/step_000002")), "checkpoint 2", timeout=120)
+        family = _descendants(top.pid)
+        assert len(family) >= 3  # the accelerate launcher and its two workers
+        os.kill(top.pid, signal.SIGKILL)
+        top.wait()
+        _wait_for(lambda: not any(locks.pid_alive(p) for p in family), "the workers to die", timeout=30)
+    finally:
+        for pid in [top.pid, *family]:
+            if locks.pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    (run,) = killed.glob("run_*")
+    assert locks.read_holder(run / locks.RUN_LOCK_FILE)["pid"] == top.pid  # left behind: stale, taken over
+    last = checkpoints.list_checkpoints(run)[-1][0]
+    assert last < 6
+
+    capsys.readouterr()
+    assert pipeline.run(config("training.steps=6", f"output_dir={killed}"), resume="latest") == run
+    assert f"resuming run {run} from step_{last:06d}" in capsys.readouterr().out
+    a, b = checkpoints.checkpoint_dir(reference, 6), checkpoints.checkpoint_dir(run, 6)
+    for rel in ("ltxv_transformer_step_000006.safetensors", "state/sharded_rank0.safetensors",
                 "state/sharded_rank1.safetensors"):  # fmt: skip
         x, y = cache.load_tensors(a / rel), cache.load_tensors(b / rel)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), rel
-    rows = [json.loads(line) for line in (killed / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert not (run / locks.RUN_LOCK_FILE).exists()
 
     # another process count: refused before any process starts, in one line naming both counts
-    three = _full(tmp_path, "fsdp", 4, buckets, **{**hard, "num_processes": 3})
     with pytest.raises(UserError, match=r"sharded over 2 processes but this run has 3.*num_processes=2") as e:
-        preflight.check_resume(str(killed), tmp_path, three)
+        preflight.check_resume(str(run), killed, config("training.steps=6", "training.num_processes=3"))
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="training.sharding: 'fsdp' -> 'none'"):
-        preflight.check_resume(str(killed), tmp_path, _full(tmp_path, "none", 4, buckets))
+        preflight.check_resume(str(run), killed, config("training.steps=6", "training.sharding=none"))
 
 
 def test_lora_on_a_sharded_base_exports_the_same_lora_format(tmp_path):
@@ -193,11 +228,12 @@ def test_preflight_estimate_per_gpu_under_sharding_and_the_advice_for_a_13b_full
 def test_a_sharded_checkpoint_missing_a_process_shard_is_refused_with_the_fix(tmp_path):
     state = tmp_path / "run" / "checkpoints" / "step_000002" / "state"
     state.mkdir(parents=True)
-    torch.save({}, state / "scheduler.bin")  # accelerate's own files, as save_state writes them
-    (state / "random_states_0.pkl").write_bytes(b"x")
+    (state / "training_state.json").write_text(json.dumps({"step": 2, "data_position": 4, "num_processes": 2}))
+    for name in ("scheduler.bin", "random_states_0.pkl", "random_states_1.pkl"):  # as accelerate's save_state
+        torch.save({}, state / name)
     cache.save_tensors_atomic(sharding.shard_file(state, 0), {"model/w": torch.zeros(2)}, {"num_processes": "2"})
     assert sharding.saved_process_count(state) == 2
-    with pytest.raises(UserError, match=r"sharded_rank1.safetensors is damaged or missing.*delete that step folder"):
+    with pytest.raises(UserError, match=r"sharded_rank1.safetensors is damaged or missing.*no earlier checkpoint"):
         checkpoints.check_state_files(state.parent)
     cache.save_tensors_atomic(sharding.shard_file(state, 1), {"model/w": torch.zeros(2)}, {"num_processes": "2"})
     checkpoints.check_state_files(state.parent)

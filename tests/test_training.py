@@ -43,7 +43,20 @@ def make_cache(data_folder: Path, buckets=((64, 64, 9),), clips_per_bucket=2, se
     manifest = cache.Manifest(settings={"buckets": [list(b) for b in buckets]}, clips=clips)
     path = cache.manifest_path(root, cache.hash_key(manifest.settings))
     cache.write_json_atomic(path, manifest.to_json())
-    return path
+    return record_checksums(path)
+
+
+def record_checksums(manifest: Path) -> Path:
+    """Record the size and checksum of every cache file the manifest names, as preprocessing does when it writes it
+    (after a test wrote its own files)."""
+    root, m = manifest.parent.parent, cache.Manifest.read(manifest)
+    files = [cache.latent_path(root, c.latent_key) for c in m.clips]
+    files += [cache.condition_path(root, c.condition_key) for c in m.clips]
+    files += [cache.latent_path(root, c.reference_key) for c in m.clips if c.reference_key]
+    m.files = {p.relative_to(root).as_posix(): p.stat().st_size for p in files}
+    m.checksums = {p.relative_to(root).as_posix(): cache.file_checksum(p) for p in files}
+    cache.write_json_atomic(manifest, m.to_json())
+    return manifest
 
 
 def make_config(tmp_path: Path, buckets=((64, 64, 9),), **sections):
@@ -366,6 +379,7 @@ def test_tiny_lora_overfits_one_clip(tmp_path):
     root = cache.cache_root(tmp_path / "data")
     colour = torch.randn(128, 1, 1, 1, generator=torch.Generator().manual_seed(3)) * 4
     cache.save_tensors_atomic(cache.latent_path(root, clip["latent_key"]), {"latents": colour.expand(128, 2, 2, 2)})
+    record_checksums(manifest)
     cfg = make_config(
         tmp_path,
         training={"steps": 300, "learning_rate": 1e-2},

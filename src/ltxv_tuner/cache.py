@@ -4,7 +4,7 @@
     latents/<key>.safetensors      "latents": [C, F, H, W] float, normalised for the transformer
                                    (VAE latents_mean/std and scaling_factor applied), unpacked
     conditions/<key>.safetensors   "prompt_embeds": [L, D], "prompt_attention_mask": [L] (int64)
-    manifests/<settings_key>.json  which clip uses which files; written last (see Manifest)
+    manifests/<settings_key>.json  which clip uses which files, their sizes and checksums; written last (see Manifest)
     decoded/<clip>_<W>x<H>x<F>.mp4 optional previews decoded back from the latents (preprocessing.decode_videos),
                                    named after the clip and its bucket; those of the latest run that made them
     decoded.json                   preview name -> latent key it was decoded from (stale previews are redone)
@@ -13,7 +13,9 @@
 
 Keys are content hashes of everything that produced a file (ARCHITECTURE.md section 4), so a file is
 either exactly right for the current settings or absent. Every file is written to a temporary name and
-renamed, so a killed run never leaves a half-written file under its final name.
+renamed, so a killed run never leaves a half-written file under its final name. The manifest records a
+checksum of every tensor file it names (`file_checksum`), so a file damaged or edited later, even at the same
+size, is noticed: preprocessing encodes it again, training refuses it naming the file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -133,6 +136,20 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+CHECKSUM_CHUNK = 1 << 20
+
+
+def file_checksum(path: Path) -> str:
+    """A cheap checksum of a file's bytes, `crc32:<8 hex digits>`: the manifest records one per tensor file, a
+    checkpoint one per state file. CRC-32 is what zip and PNG use against damage, and the cheapest here (measured on a
+    2.3 MB latent [128, 13, 16, 22] from the page cache: crc32 0.7 ms, sha256 1.6 ms, blake2b 3.7 ms)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHECKSUM_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"crc32:{crc:08x}"
+
+
 class CacheFileError(ValueError):
     """A cache file that cannot be read (truncated, overwritten, not safetensors)."""
 
@@ -203,6 +220,9 @@ class Manifest:
     # and the size of every cache file this manifest refers to (relative to the .precomputed root).
     sources: dict[str, list[int]] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)
+    # file_checksum of every latent/condition/reference file (relative to the .precomputed root), recorded when the
+    # manifest is written; training checks each file it opens. Manifests older than this have none (sizes only).
+    checksums: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -217,6 +237,7 @@ class Manifest:
             notes=data.get("notes", []),
             sources=data.get("sources", {}),
             files=data.get("files", {}),
+            checksums=data.get("checksums", {}),
         )
 
     @classmethod

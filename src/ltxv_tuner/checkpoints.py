@@ -6,7 +6,8 @@ resume and convert targets, pruning.
 <run_dir>/checkpoints/step_000250/
     ltxv_lora_step_000250.safetensors | ltxv_transformer_step_000250.safetensors   (exported weights)
     state/                      accelerate save_state (optimizer, scheduler, RNG) + trainable.safetensors
-    state/training_state.json   global step, data position and the config the run trained with
+    state/training_state.json   global step, data position, the config the run trained with, what data it trained
+                                on, and a checksum of every other state file (a resume checks them all)
 
 A checkpoint is built in `.tmp_step_000250/` and renamed when complete, so a `step_*` folder is always
 whole: a run killed while saving leaves only a temp folder, which is ignored and cleaned up next time.
@@ -19,10 +20,11 @@ import os
 import re
 import shutil
 import zipfile
+import zlib
 from datetime import datetime
 from pathlib import Path
 
-from .cache import CacheFileError, load_tensors, read_header, save_tensors_atomic, write_json_atomic
+from .cache import CacheFileError, file_checksum, load_tensors, read_header, save_tensors_atomic, write_json_atomic
 from .errors import UserError, as_user_error
 
 RUN_PREFIX = "run_"
@@ -37,8 +39,11 @@ TRAINABLE_FILE = "trainable.safetensors"
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp_step_"
 
-# What must be the same between the run that saved a checkpoint and the one resuming from it:
-# anything that changes the set or meaning of the trained weights, or what the data order is built from.
+# What must be the same between the run that saved a checkpoint and the one resuming from it: anything that changes
+# the set or meaning of the trained weights, what the data and its order are built from (the data itself is
+# compared by its fingerprint, `check_resume_data`), or what the saved optimizer state is. A resume with another
+# value is refused naming the setting and both values; every other setting that changed is applied from the next
+# step and logged (`resume_changes`, training.py).
 RESUME_MUST_MATCH = (
     "model.model_source",
     "model.training_mode",
@@ -46,11 +51,24 @@ RESUME_MUST_MATCH = (
     "lora.alpha",
     "lora.target_modules",
     "dataset.resolution_buckets",
+    "dataset.id_token",
+    "dataset.preprocessing.max_text_length",
+    "dataset.preprocessing.caption_encoding",
+    "dataset.preprocessing.vae_posterior",
+    "dataset.preprocessing.vae_tiling",
+    "dataset.preprocessing.frame_sampling",
     "training.strategy",
     "training.sharding",
+    "training.batch_size",
+    "training.optimizer_type",
+    "seed",
 )
-# Settings added after checkpoints were first written: a checkpoint without them had the default.
+# Settings added after checkpoints were first written: a checkpoint without them had the default. Other keys a
+# checkpoint does not have are not compared (changed data is still caught by its fingerprint).
 _RESUME_DEFAULTS = {"training.strategy": "text_to_video", "training.sharding": "none"}
+# Means nothing to a resumed run: the run folder is given (or found under it).
+_RESUME_IGNORED = ("output_dir",)
+_MISSING = object()
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -155,12 +173,47 @@ def prune_checkpoints(run_dir: Path, keep_last_n: int) -> list[Path]:
     return doomed
 
 
+def _json_checksum(state: dict) -> str:
+    body = json.dumps({k: v for k, v in state.items() if k != "checksum"}, sort_keys=True)
+    return f"crc32:{zlib.crc32(body.encode()):08x}"
+
+
 def read_training_state(ckpt: Path) -> dict:
+    """The checkpoint's training_state.json, refused in one line when it is damaged or was edited since."""
     path = ckpt / STATE_DIR / TRAINING_STATE_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read the checkpoint's training state ({e}); resume from another run") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        why = f"{type(e).__name__}: {str(e)[:80]}"
+    else:
+        fields = isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ("step", "data_position"))
+        if not fields or not isinstance(state.get("config", {}), dict):
+            why = "not a training state"
+        elif "checksum" in state and state["checksum"] != _json_checksum(state):
+            why = "edited since it was written: its checksum differs"
+        else:
+            return state
+    raise UserError(f"resume: {path} is damaged ({why}); {_instead(ckpt)}")
+
+
+def _step_of(ckpt: Path) -> int | None:
+    m = _STEP_RE.match(ckpt.name)
+    return int(m.group(1)) if m else None
+
+
+def _instead(ckpt: Path) -> str:
+    """What to do when `ckpt` cannot be resumed from: resume from the newest complete checkpoint before it."""
+    step = _step_of(ckpt)
+    earlier = [path for s, path in list_checkpoints(ckpt.parent.parent) if step is not None and s < step]
+    if earlier:
+        return f"resume from the checkpoint before it: --resume {earlier[-1]}"
+    return "there is no earlier checkpoint to resume from: start a new run without --resume"
+
+
+def is_step_dir(path: Path) -> bool:
+    """`<run>/checkpoints/step_N`: a checkpoint named as a resume target."""
+    path = Path(path)
+    return bool(_STEP_RE.match(path.name)) and path.parent.name == CHECKPOINTS_DIR
 
 
 def resolve_resume_checkpoint(resume_from: Path) -> Path:
@@ -168,7 +221,12 @@ def resolve_resume_checkpoint(resume_from: Path) -> Path:
     resume_from = Path(resume_from)
     if not resume_from.exists():
         raise UserError(f"resume: {resume_from} does not exist (give a run folder such as outputs/run_20250101_120000)")
-    if _STEP_RE.match(resume_from.name) and is_complete(resume_from):
+    if _STEP_RE.match(resume_from.name):
+        if not is_complete(resume_from):
+            raise UserError(
+                f"resume: {resume_from} is not a complete checkpoint (it has no {STATE_DIR}/{TRAINING_STATE_FILE}); "
+                f"{_instead(resume_from)}"
+            )
         return resume_from
     ckpt = latest_checkpoint(resume_from)
     if ckpt is None:
@@ -183,9 +241,20 @@ def _dotted(tree: dict, dotted: str):
     node = tree
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return _MISSING
         node = node[part]
     return node
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"training": {"steps": 3}} -> {"training.steps": 3} (lists are values)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def resume_differences(saved_config: dict, current_config: dict) -> list[str]:
@@ -195,41 +264,127 @@ def resume_differences(saved_config: dict, current_config: dict) -> list[str]:
         if key.startswith("lora.") and _dotted(current_config, "model.training_mode") != "lora":
             continue
         old, new = _dotted(saved_config, key), _dotted(current_config, key)
-        old = _RESUME_DEFAULTS.get(key) if old is None else old
-        if key == "lora.target_modules" and old is not None and new is not None:
+        if old is _MISSING:
+            if key not in _RESUME_DEFAULTS:
+                continue  # saved before the setting existed: cannot tell
+            old = _RESUME_DEFAULTS[key]
+        if key == "lora.target_modules" and isinstance(old, list) and isinstance(new, list):
             old, new = sorted(old), sorted(new)
         if old != new:
             diffs.append(f"{key}: {old!r} -> {new!r}")
+    old = _dotted(saved_config, "training.mixed_precision_mode")
+    if _dotted(current_config, "training.mixed_precision_mode") == "fp16" and old not in ("fp16", _MISSING):
+        diffs.append(f"training.mixed_precision_mode: {old!r} -> 'fp16' (the checkpoint has no fp16 loss-scale state)")
     return diffs
 
 
-def check_state_files(ckpt: Path) -> None:
-    """A step folder copied or synced only in part (or damaged on disk) is refused with the fix, before loading."""
+def resume_changes(saved_config: dict, current_config: dict) -> list[tuple[str, object, object]]:
+    """(key, saved, current) for every setting that changed since the checkpoint and may change: the resumed run
+    applies each from its next step. LoRA settings of a full fine-tune are not used, so not listed."""
+    refused = set(RESUME_MUST_MATCH) | set(_RESUME_IGNORED)
+    full = _dotted(current_config, "model.training_mode") == "full"
+    old, new = _flat(saved_config), _flat(current_config)
+    return [
+        (key, old[key], value)
+        for key, value in new.items()
+        if key in old and old[key] != value and key not in refused and not (full and key.startswith("lora."))
+    ]
+
+
+def data_fingerprint(clips) -> dict:
+    """What a run trains on, in the order its batches are drawn from: each clip's cache keys, which name the exact
+    latents, caption features and reference. Recorded in each checkpoint; `check_resume_data` compares it."""
+    keys = [[c.latent_key, c.condition_key, c.reference_key] for c in clips]
+    return {"clips": len(keys), "checksum": f"crc32:{zlib.crc32(json.dumps(keys).encode()):08x}"}
+
+
+def check_resume_data(ckpt: Path, state: dict, fingerprint: dict) -> None:
+    """A resume on other data (clips added or removed, a caption or a clip changed) is refused: the data position
+    saved in the checkpoint would point into another order, and the run would no longer be what it says."""
+    saved = state.get("data")
+    if not isinstance(saved, dict) or saved == fingerprint:
+        return  # a checkpoint from before fingerprints cannot tell
+    if saved.get("clips") != fingerprint["clips"]:
+        what = f"{saved.get('clips')} clip(s) -> {fingerprint['clips']} clip(s)"
+    else:
+        what = f"the same {fingerprint['clips']} clip(s) count, but other clips, captions or latents"
+    raise UserError(
+        f"resume: the training data changed since {ckpt} was written (dataset: {what}); resume with the data it "
+        "was trained on, or start a new run without --resume"
+    )
+
+
+def _process_of(name: str) -> int | None:
+    """The process a per-process state file belongs to (random_states_1.pkl, sharded_rank1.safetensors); None
+    for the files the main process writes for all (optimizer, scheduler, trainable weights)."""
+    m = re.search(r"_(?:rank)?(\d+)\.(?:pkl|safetensors)$", name)
+    return int(m.group(1)) if m else None
+
+
+def state_checksums(accelerator, state_dir: Path) -> dict[str, str]:
+    """Checksums of a checkpoint's state files (all but training_state.json, which records them), every process
+    reading only the files it wrote (the main process also the shared ones); every process gets them all."""
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    own = {}
+    for path in sorted(Path(state_dir).iterdir()):
+        owner = _process_of(path.name)
+        if path.is_file() and path.name != TRAINING_STATE_FILE and (owner == rank if owner is not None else main):
+            own[path.name] = file_checksum(path)
+    if accelerator.num_processes == 1:
+        return own
+    from accelerate.utils import gather_object
+
+    return {name: checksum for part in gather_object([own]) for name, checksum in part.items()}
+
+
+def check_state_files(ckpt: Path, state: dict | None = None, process: int | None = None) -> None:
+    """Refuse, in one line naming the files and the checkpoint to resume from instead, a checkpoint whose state
+    files are missing, damaged or edited since it was written (the RNG states included: accelerate would skip a
+    damaged one silently). Checked by the checksums training_state.json recorded; a checkpoint from before them by
+    the files' structure. `process`: only the files that process reads (each launched process checks its own)."""
+    state = read_training_state(ckpt) if state is None else state
+    folder = ckpt / STATE_DIR
+    recorded = state.get("files")
+    if isinstance(recorded, dict):
+        problems = _checksum_problems(folder, recorded, process)
+    else:
+        problems = _structure_problems(folder, int(state.get("num_processes") or 1))
+    if problems:
+        raise UserError(f"resume: {'; '.join(problems)} in {folder}; {_instead(ckpt)}")
+
+
+def _checksum_problems(folder: Path, recorded: dict, process: int | None) -> list[str]:
+    problems = []
+    for name, checksum in sorted(recorded.items()):
+        if process is not None and _process_of(name) not in (None, process):
+            continue
+        if not (folder / name).is_file():
+            problems.append(f"{name} is missing")
+        elif file_checksum(folder / name) != checksum:
+            problems.append(f"{name} is damaged (its checksum differs from the one recorded when it was written)")
+    return problems
+
+
+def _structure_problems(folder: Path, num_processes: int) -> list[str]:
+    """Checkpoints written before checksums: complete torch zip archives and safetensors headers."""
     from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
 
     from .sharding import shard_file
 
-    state = ckpt / STATE_DIR
-    sharded = shard_file(state, 0).exists()  # sharded: weights and optimizer state in per-process shard files
-    problems = _shard_problems(state) if sharded else []
-    names = (f"{SCHEDULER_NAME}.bin",) if sharded else (f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin")
-    for name in names:  # torch.save zip archives
-        if not (state / name).is_file():
+    sharded = shard_file(folder, 0).exists()  # sharded: weights and optimizer state in per-process shard files
+    problems = _shard_problems(folder) if sharded else []
+    names = [f"{SCHEDULER_NAME}.bin"] if sharded else [f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin"]
+    for name in names + [f"{RNG_STATE_NAME}_{rank}.pkl" for rank in range(num_processes)]:  # torch.save zip archives
+        if not (folder / name).is_file():
             problems.append(f"{name} is missing")
-        elif not zipfile.is_zipfile(state / name):
+        elif not zipfile.is_zipfile(folder / name):
             problems.append(f"{name} is damaged (not a complete torch file)")
-    if not (state / f"{RNG_STATE_NAME}_0.pkl").is_file():
-        problems.append(f"{RNG_STATE_NAME}_0.pkl is missing")
     try:
         if not sharded:
-            read_header(state / TRAINABLE_FILE)
+            read_header(folder / TRAINABLE_FILE)
     except CacheFileError:
-        problems.append(f"{TRAINABLE_FILE} is {'damaged' if (state / TRAINABLE_FILE).exists() else 'missing'}")
-    if problems:
-        raise UserError(
-            f"resume: {ckpt} is incomplete or damaged ({'; '.join(problems)} in {STATE_DIR}/); "
-            "delete that step folder to resume from the checkpoint before it"
-        )
+        problems.append(f"{TRAINABLE_FILE} is {'damaged' if (folder / TRAINABLE_FILE).exists() else 'missing'}")
+    return problems
 
 
 def _shard_problems(state: Path) -> list[str]:
@@ -259,10 +414,11 @@ def check_process_count(ckpt: Path, state: dict, num_processes: int) -> None:
         )
 
 
-def check_resume_compatible(ckpt: Path, current_config: dict) -> dict:
-    """Read the checkpoint's training state; raise if the config changed in a way that breaks the resume."""
+def check_resume_compatible(ckpt: Path, current_config: dict, process: int | None = None) -> dict:
+    """Read the checkpoint's training state and check its files (those of `process` only, when given); raise if the
+    config changed in a way that breaks the resume."""
     state = read_training_state(ckpt)
-    check_state_files(ckpt)
+    check_state_files(ckpt, state, process)
     diffs = resume_differences(state.get("config", {}), current_config)
     if diffs:
         raise UserError(
@@ -322,8 +478,9 @@ def has_checkpoint(run: Path) -> bool:
     return root.is_dir() and any(p.is_dir() and p.name.startswith("step_") for p in root.iterdir())
 
 
-def resolve_resume_run(resume: str, output_dir: Path) -> Path:
-    """`latest` = the newest run under output_dir that has a checkpoint; otherwise a run folder that must exist."""
+def resolve_resume_target(resume: str, output_dir: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint) of `--resume`: `latest` = the newest checkpoint of the newest run under output_dir
+    that has one; a run folder = its newest checkpoint; `<run>/checkpoints/step_N` = that checkpoint."""
     if resume == "latest":
         runs = [r for r in list_runs(output_dir) if has_checkpoint(r)]
         if not runs:
@@ -331,13 +488,15 @@ def resolve_resume_run(resume: str, output_dir: Path) -> Path:
                 f"--resume latest: no run with a checkpoint under {output_dir}/ "
                 "(start without --resume, or pass a run folder)"
             )
-        return runs[-1]
+        return runs[-1], resolve_resume_checkpoint(runs[-1])
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"--resume {resume}: no such run folder (pass outputs/run_YYYYMMDD_HHMMSS or 'latest')")
+    if is_step_dir(path):
+        return path.parent.parent, resolve_resume_checkpoint(path)
     if not checkpoints_root(path).is_dir():
         raise UserError(f"--resume {resume}: not a run folder (it has no checkpoints/ folder)")
-    return path
+    return path, resolve_resume_checkpoint(path)
 
 
 def resolve_convert_target(run_dir: str | None, output_dir: Path) -> Path:
@@ -424,9 +583,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, write_we
         shutil.rmtree(tmp, ignore_errors=True)
         raise answer from e
     accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
+    state = {**state, "files": state_checksums(accelerator, tmp / STATE_DIR)}
     if accelerator.is_main_process:
         write_weights(tmp)
-        write_json_atomic(tmp / STATE_DIR / TRAINING_STATE_FILE, state)
+        write_json_atomic(tmp / STATE_DIR / TRAINING_STATE_FILE, {**state, "checksum": _json_checksum(state)})
         if final.exists():  # only when a run is re-trained over its own later steps; the new one wins
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -439,7 +599,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, write_we
 
 def load_checkpoint(accelerator, ckpt: Path, current_config: dict) -> dict:
     """Restore weights, optimizer, LR scheduler and RNG states; returns the training state (step, position)."""
-    state = check_resume_compatible(ckpt, current_config)
+    state = check_resume_compatible(ckpt, current_config, accelerator.process_index)
     check_process_count(ckpt, state, accelerator.num_processes)
     accelerator.load_state(str(ckpt / STATE_DIR))
     return state

@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the YAML config (e.g. configs/quickstart.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, values read as YAML")
     p.add_argument("--only", choices=STAGES, help="run one stage only")
-    p.add_argument("--resume", metavar="RUN_DIR|latest", help="continue a run from its newest checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR|latest",
+        help="continue a run from its newest checkpoint (or from RUN_DIR/checkpoints/step_N, that one)",
+    )
     p.add_argument("--run-dir", metavar="RUN_DIR", help="with --only convert: the run folder to convert")
     p.add_argument("--debug", action="store_true", help="show full tracebacks (also: LTXV_DEBUG=1)")
     return p

@@ -4,6 +4,9 @@ The batch order is a pure function of (seed, epoch) indexed by a global "data po
 that counter. A `DataLoader` reads the batches of the coming steps ahead (on a GPU in a worker process, while
 the GPU computes); it is fed by this order and never re-sharded by `accelerator.prepare`, which is what keeps a
 resumed run bit-identical.
+
+Every cache file is checked when it is opened against the checksum preprocessing recorded in the manifest: a
+file changed since (damaged, edited, overwritten) stops training naming it, and preprocessing encodes it again.
 """
 
 from __future__ import annotations
@@ -14,9 +17,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from .cache import Manifest, condition_path, latent_path, load_tensors
+from .cache import Manifest, condition_path, file_checksum, latent_path, load_tensors
 from .errors import UserError
+
+
+class CacheFileChanged(UserError):
+    """A cache file that no longer holds what preprocessing wrote. Raised in a DataLoader worker (GPU runs read
+    ahead in one), it comes back with the worker's traceback glued on by torch: only its own last line is kept."""
+
+    def __init__(self, message: str):
+        prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+        lines = [line for line in message.splitlines() if line.startswith(prefix)]
+        super().__init__(lines[-1].removeprefix(prefix) if lines else message)
 
 
 class CachedDataset:
@@ -32,8 +46,9 @@ class CachedDataset:
             raise UserError(f"{manifest_path}: not a valid manifest ({e}); run preprocessing again") from None
         if not manifest.clips:
             raise UserError(f"{manifest_path}: no usable clips in {cfg.dataset.data_folder} (see the preprocess log)")
-        self.root = manifest_path.parent.parent
+        self.root, self.manifest_path = manifest_path.parent.parent, manifest_path
         self.clips = manifest.clips
+        self.checksums, self.sizes = manifest.checksums, manifest.files
         self._check(manifest_path, {tuple(b) for b in cfg.dataset.resolution_buckets})
 
     def _check(self, manifest_path: Path, allowed: set[tuple]) -> None:
@@ -67,7 +82,27 @@ class CachedDataset:
 
     def embedding_width(self) -> tuple[Path, int]:
         path = condition_path(self.root, self.clips[0].condition_key)
-        return path, load_tensors(path)["prompt_embeds"].shape[-1]
+        return path, self.load(path)["prompt_embeds"].shape[-1]
+
+    def load(self, path: Path) -> dict[str, torch.Tensor]:
+        """A cache file's tensors, after checking it holds what preprocessing wrote: the checksum the manifest
+        recorded (the size, for a manifest older than checksums)."""
+        rel = path.relative_to(self.root).as_posix()
+        try:
+            if rel in self.checksums:
+                intact = file_checksum(path) == self.checksums[rel]
+            else:
+                intact = rel not in self.sizes or path.stat().st_size == self.sizes[rel]
+            tensors = load_tensors(path) if intact else None
+        except (OSError, SafetensorError):
+            tensors = None  # unreadable (gone, truncated): answered like a changed file
+        if tensors is None:
+            raise CacheFileChanged(
+                f"{path}: this cache file changed since preprocessing wrote it (it no longer matches "
+                f"{self.manifest_path.name}); run the preprocess stage again (--only preprocess, or the same command "
+                "without --only train): it encodes that file again"
+            )
+        return tensors
 
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """One batch on the CPU: latents [B, C, F, H, W], prompt_embeds, prompt_attention_mask, fps, and for IC-LoRA
@@ -75,13 +110,13 @@ class CachedDataset:
         lat, emb, mask, fps, ref, audio = [], [], [], [], [], []
         for i in indices:
             clip = self.clips[i]
-            stored = load_tensors(latent_path(self.root, clip.latent_key))
+            stored = self.load(latent_path(self.root, clip.latent_key))
             lat.append(stored["latents"])
             if clip.audio_shape:
                 audio.append(stored["audio_latents"])
             if clip.reference_key:
-                ref.append(load_tensors(latent_path(self.root, clip.reference_key))["latents"])
-            cond = load_tensors(condition_path(self.root, clip.condition_key))
+                ref.append(self.load(latent_path(self.root, clip.reference_key))["latents"])
+            cond = self.load(condition_path(self.root, clip.condition_key))
             emb.append(cond["prompt_embeds"])
             mask.append(cond["prompt_attention_mask"])
             fps.append(float(clip.fps))

@@ -6,6 +6,7 @@ processes and collects the result from the run folder.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from .preflight import check_accelerate_config, check_acceleration
 
 log = logging.getLogger("ltxv_tuner.launch")
 LAUNCHED_ENV = "LTXV_TUNER_LAUNCHED"  # set in launched processes: they train, they do not launch again
+OWNER_ENV = "LTXV_TUNER_OWNER_PID"  # the top-level process a launched process belongs to (see die_with_parent)
 
 
 def wants_distributed(cfg: Config) -> bool:
@@ -43,18 +45,38 @@ def train(cfg: Config, run_dir: Path, manifest_path: Path, resume_from: Path | N
         return training.train(cfg, run_dir, manifest_path, resume_from)
 
 
-def die_with_parent() -> None:
+def die_with_parent(owner: int | None = None) -> None:
     """Linux: ask the kernel to SIGKILL this process when its parent dies (also when the parent is SIGKILLed and
-    can clean up nothing). Elsewhere a no-op."""
+    can clean up nothing). Elsewhere a no-op.
+
+    The request covers a parent that dies after it is made. A launched process makes it only once its imports are
+    done (seconds after it started); if the run's owner - the top-level process, `owner` or `OWNER_ENV` - or the
+    launcher between them died meanwhile, the owner is no longer among this process's ancestors, and it exits here
+    rather than wait half an hour for a rendezvous that never comes."""
     if sys.platform != "linux":
         return
     import ctypes
     import signal
 
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request took effect
+    owner = owner or int(os.environ.get(OWNER_ENV) or 0)
+    if owner and not descends_from(owner):
         os._exit(1)
+
+
+def descends_from(owner: int) -> bool:
+    """Whether `owner` is this process's parent, grandparent, ... (Linux /proc)."""
+    pid = os.getppid()
+    for _ in range(32):
+        if pid == owner:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            return False
+    return False
 
 
 def _free_port() -> int:
@@ -103,10 +125,12 @@ def train_distributed(
     result_file.unlink(missing_ok=True)
     cmd = launch_command(cfg, run_dir, manifest_path, resume_from)
     log.info("launching: %s", " ".join(cmd))
-    env = {**os.environ, LAUNCHED_ENV: "1"}
+    env = {**os.environ, LAUNCHED_ENV: "1", OWNER_ENV: str(os.getpid())}
     # The launcher dies with this process (and each worker with the launcher, see `main`), however this one
     # ends: no orphaned workers keep training and writing checkpoints. Output streams live to the terminal.
-    with subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent if sys.platform == "linux" else None) as proc:
+    linux = sys.platform == "linux"
+    preexec = functools.partial(die_with_parent, os.getpid()) if linux else None
+    with subprocess.Popen(cmd, env=env, preexec_fn=preexec) as proc:
         try:
             rc = proc.wait()
         except BaseException:  # Ctrl-C reaches the launcher too (same process group); give it time to stop
@@ -150,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         resume = Path(args.resume) if args.resume else None
-        training.train(cfg, Path(args.run_dir), Path(args.manifest), resume)
+        with locks.run_worker(Path(args.run_dir)):  # the run's lock is not stale while this process trains it
+            training.train(cfg, Path(args.run_dir), Path(args.manifest), resume)
     except UserError as e:  # this process's edge: print the message for the launcher, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,12 @@
 """Who holds what, so that nothing shared changes under a running job: the lock of a run folder while a process
-trains it, and the cache manifests that live runs read (preprocessing's prune keeps their files).
+trains it (with the processes it launched), and the cache manifests that live runs read (preprocessing's prune keeps
+their files).
 
 A holder is a small JSON file naming the process (pid, host, command, start time). A holder whose process no
 longer runs on this host (killed, crashed) is stale and is taken over or ignored; nothing needs cleaning by hand.
+A run lock is stale only when the processes training the run are all gone: the top-level process that holds it and
+the launched processes registered in `<run>/.workers/` (on Linux they die with it; elsewhere, or if one did not,
+a resume is refused naming it rather than train beside it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from .errors import UserError
 
 RUN_LOCK_FILE = ".lock"
+WORKERS_DIR = ".workers"
 READERS_DIR = "readers"
 
 
@@ -108,6 +113,13 @@ def run_lock(run_dir: Path):
                 f"{run_dir} is being trained by {describe(holder)}; wait for it to finish or stop it "
                 f"(kill {holder['pid']}) - two processes writing one run would mix their checkpoints"
             )
+        if workers := live_workers(run_dir):
+            pids = " ".join(str(w["pid"]) for w in workers)
+            raise UserError(
+                f"{run_dir}: the process that trained it is gone but {len(workers)} process(es) it launched still "
+                f"run ({describe(workers[0])}); stop them (kill {pids}) - two runs writing one folder would mix their "
+                "checkpoints"
+            )
         path.unlink(missing_ok=True)  # stale: its process is gone (killed, crashed)
     else:
         raise UserError(f"{path}: cannot take the run lock (another process keeps replacing it); try again")
@@ -119,16 +131,41 @@ def run_lock(run_dir: Path):
 
 
 @contextlib.contextmanager
-def cache_reader(cache_root: Path, manifest: Path):
-    """Register this process as reading `manifest` (and so its files) while it trains."""
-    folder = Path(cache_root) / READERS_DIR
+def _registered(folder: Path, **extra):
+    """A holder file for this process in `folder` for the duration of the block."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{os.getpid()}_{time.monotonic_ns()}.json"
-    path.write_text(json.dumps({**_me(), "manifest": str(manifest)}), encoding="utf-8")
+    path.write_text(json.dumps({**_me(), **extra}), encoding="utf-8")
     try:
         yield path
     finally:
         path.unlink(missing_ok=True)
+
+
+def run_worker(run_dir: Path):
+    """Register a launched process as training `run_dir` (its run lock is not stale while it runs)."""
+    return _registered(Path(run_dir) / WORKERS_DIR)
+
+
+def live_workers(run_dir: Path) -> list[dict]:
+    """The registered processes of a run that still run on this host (registrations of other hosts cannot be checked
+    from here and would outlive a killed run: they are not counted); registrations of gone processes are removed."""
+    folder = Path(run_dir) / WORKERS_DIR
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        holder = read_holder(path)
+        if holder is None or holder.get("host") != socket.gethostname():
+            continue  # being written right now, or another host's
+        if pid_alive(holder["pid"]):
+            found.append(holder)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def cache_reader(cache_root: Path, manifest: Path):
+    """Register this process as reading `manifest` (and so its files) while it trains."""
+    return _registered(Path(cache_root) / READERS_DIR, manifest=str(manifest))
 
 
 def live_reader_manifests(cache_root: Path) -> list[Path]:

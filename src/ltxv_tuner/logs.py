@@ -104,6 +104,26 @@ def _file_handlers() -> list[logging.FileHandler]:
     return [h for h in log.handlers if isinstance(h, logging.FileHandler)]
 
 
+class _RunLogHandler(logging.FileHandler):
+    """train.log. A write the machine refuses (disk full, permission, read-only) stops the run with the one-line
+    answer, raised from the logging call, instead of logging's own traceback on stderr at every later line; the
+    handler leaves the logger first, so nothing tries that file again (not even the final error line)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        from .errors import CHECKPOINTS_KEPT, as_user_error
+
+        failure = sys.exc_info()[1]
+        answer = as_user_error(failure, self.baseFilename, "the run log", CHECKPOINTS_KEPT) if failure else None
+        if answer is None:
+            super().handleError(record)
+            return
+        log.removeHandler(self)
+        stream, self.stream = self.stream, None
+        with contextlib.suppress(OSError):  # closing flushes what the full disk refused: already answered
+            stream.close()
+        raise answer from failure
+
+
 def attach_run_log(run_dir: Path) -> logging.Handler | None:
     """Every message of the run also goes to <run>/logs/train.log (appended on resume), starting with the ones
     logged before the run folder existed. None when it already does."""
@@ -113,7 +133,7 @@ def attach_run_log(run_dir: Path) -> logging.Handler | None:
         return None
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
-    h = logging.FileHandler(path, encoding="utf-8")
+    h = _RunLogHandler(path, encoding="utf-8")
     h.setFormatter(logging.Formatter(_FILE_FORMAT))
     for backlog in [b for b in log.handlers if isinstance(b, _Backlog)]:
         for record in backlog.records:

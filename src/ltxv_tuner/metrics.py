@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .cache import atomic_write
+from .errors import CHECKPOINTS_KEPT, as_user_error
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
@@ -30,12 +31,19 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def append_metrics(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append rows; a failure of the machine (disk full, ...) stops the run with a one-line answer."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        answer = as_user_error(e, path, "the training metrics", CHECKPOINTS_KEPT)
+        if answer is None:
+            raise
+        raise answer from e
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

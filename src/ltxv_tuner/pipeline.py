@@ -46,9 +46,11 @@ def run(
         manifest = find_cache(cfg) if only == "train" else stage_preprocess(cfg)
         if only == "preprocess":
             return None
+        if resume_target is not None:
+            preflight.check_resume_data(resume_target, manifest)
         target = open_run(cfg, output_dir, resume_target, config_path)
         held.enter_context(locks.run_lock(target))  # re-entrant when resuming
-        result = stage_train(cfg, target, manifest, resume=resume_target is not None)
+        result = stage_train(cfg, target, manifest, resume_target.checkpoint if resume_target else None)
         _convert_after_training(cfg, target, only)
     print_summary(target, result, time.time() - started)
     return target
@@ -95,11 +97,12 @@ def open_run(cfg: Config, output_dir: Path, resume: preflight.ResumeTarget | Non
     return target
 
 
-def stage_train(cfg: Config, run_dir: Path, manifest: Path, resume: bool):
+def stage_train(cfg: Config, run_dir: Path, manifest: Path, checkpoint: Path | None = None):
+    """Train the run; `checkpoint`: the one to resume from (the newest of the run, or the one --resume named)."""
     from . import launch
 
     log.info("== stage 2/3: train ==")
-    return launch.train(cfg, run_dir, manifest, resume_from=run_dir if resume else None)
+    return launch.train(cfg, run_dir, manifest, resume_from=checkpoint)
 
 
 def stage_convert(run_dir: Path) -> list[Path]:

@@ -154,10 +154,9 @@ def planned_processes(cfg: Config) -> int | None:
 
 
 def check_resume(resume: str, output_dir: Path, cfg: Config) -> ResumeTarget:
-    """The run folder and checkpoint to continue from; a missing or incompatible target is refused before anything
-    is touched."""
-    run_dir = ckpts.resolve_resume_run(resume, output_dir)
-    ckpt = ckpts.resolve_resume_checkpoint(run_dir)
+    """The run folder and checkpoint to continue from; a missing, damaged or incompatible target is refused before
+    anything is touched."""
+    run_dir, ckpt = ckpts.resolve_resume_target(resume, output_dir)
     state = ckpts.check_resume_compatible(ckpt, cfg.model_dump(mode="json"))
     if (n := planned_processes(cfg)) is not None:  # else each launched process checks it
         ckpts.check_process_count(ckpt, state, n)
@@ -168,6 +167,14 @@ def check_resume(resume: str, output_dir: Path, cfg: Config) -> ResumeTarget:
             f"pass training.steps={done} (nothing more to train) or higher to train longer"
         )
     return ResumeTarget(run_dir, ckpt, done)
+
+
+def check_resume_data(target: ResumeTarget, manifest_path: Path) -> None:
+    """After preprocessing, before any process starts: the data must be what the checkpoint was trained on."""
+    from .cache import Manifest
+
+    state = ckpts.read_training_state(target.checkpoint)
+    ckpts.check_resume_data(target.checkpoint, state, ckpts.data_fingerprint(Manifest.read(manifest_path).clips))
 
 
 def warn_ineffective_settings(cfg: Config) -> None:

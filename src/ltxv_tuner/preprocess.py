@@ -4,8 +4,9 @@ Only what is missing is encoded. Each latent is keyed by the video's content has
 policy, the VAE identity, dtype, tiling and posterior policy (a sampled posterior is seeded by the key); each
 condition by the final caption, the text-encoder identity, the token length, the caption encoding (T5 with or
 without the mask) and dtype (cache.hash_key). A run with unchanged files and settings does no work at all: the
-manifest records the size and mtime of every source file and the size of every cache file, and when those all
-match it is returned without opening a video or loading a model.
+manifest records the size and mtime of every source file and the size and checksum of every cache file, and when
+those all match it is returned without opening a video or loading a model. A cache file whose checksum differs
+from the recorded one (damaged or edited since, even at the same size) is encoded again.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ from .cache import (
     decoded_index_path,
     decoded_name,
     decoded_path,
+    file_checksum,
     hash_key,
     latent_path,
     latents_dir,
     load_tensors,
     manifest_path,
+    manifests_dir,
     read_header,
     remove_stale_temp_files,
     save_tensors_atomic,
@@ -405,16 +408,52 @@ def _check_condition(path: Path, max_len: int) -> bool:
     return emb is not None and mask is not None and len(emb) == 2 and emb[0] == max_len and mask == [max_len]
 
 
-def _needed(paths: dict[str, Path], ok: Callable[[str, Path], bool], report: _Report) -> list[str]:
-    """Keys whose file is absent or unusable (unusable ones are deleted and counted as repaired)."""
+class _Checksums:
+    """The checksums the manifests recorded for each cache file, and what the files hold now (each file is read
+    once per run). A file is intact when it holds a checksum a manifest recorded for it: this config's, or another
+    config's that shares the file (that one may have encoded it again since). A file no manifest recorded a checksum
+    for (new, or named only by manifests older than checksums) is checked by its header alone."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.recorded: dict[str, set[str]] = {}
+        self._now: dict[Path, str] = {}
+        for mpath in sorted(manifests_dir(root).glob("*.json")) if manifests_dir(root).is_dir() else []:
+            try:
+                checksums = Manifest.read(mpath).checksums
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a damaged manifest records nothing usable; its config's next run rewrites it
+            for rel, checksum in checksums.items():
+                self.recorded.setdefault(rel, set()).add(checksum)
+
+    def of(self, path: Path) -> str:
+        if path not in self._now:
+            self._now[path] = file_checksum(path)
+        return self._now[path]
+
+    def intact(self, path: Path) -> bool:
+        recorded = self.recorded.get(path.relative_to(self.root).as_posix())
+        return not recorded or self.of(path) in recorded
+
+    def forget(self, path: Path) -> None:
+        self._now.pop(path, None)
+
+
+def _needed(paths: dict[str, Path], ok: Callable[[str, Path], bool], report: _Report, sums: _Checksums) -> list[str]:
+    """Keys whose file is absent, unusable or changed since it was written (those are deleted and counted as
+    repaired)."""
     missing = []
     for key, path in paths.items():
         if path.is_file():
-            if ok(key, path):
+            if not ok(key, path):
+                reason = "cache file unreadable or of the wrong shape, encoded again"
+            elif not sums.intact(path):
+                reason = "cache file changed since it was written (its checksum differs), encoded again"
+            else:
                 continue
             path.unlink()
+            sums.forget(path)
             report.repaired += 1
-            reason = "cache file unreadable or of the wrong shape, encoded again"
             report.notes.append(Issue(f"{path.parent.name}/{path.name}", reason))
         missing.append(key)
     return missing
@@ -639,17 +678,23 @@ def _decode_previews(cfg, root: Path, clips: list[CachedClip], device: str, dtyp
 # Manifest, fast path, prune, report
 
 
+def _tensor_files(root: Path, clip: CachedClip) -> list[Path]:
+    """The cache files a clip trains on: its latents, its caption's condition, an IC-LoRA reference's latents."""
+    paths = [latent_path(root, clip.latent_key), condition_path(root, clip.condition_key)]
+    return paths + ([latent_path(root, clip.reference_key)] if clip.reference_key else [])
+
+
 def _manifest_files(root: Path, clips: list[CachedClip], with_decoded: bool) -> dict[str, int]:
     files = {}
     for c in clips:
-        paths = [latent_path(root, c.latent_key), condition_path(root, c.condition_key)]
-        if c.reference_key:
-            paths.append(latent_path(root, c.reference_key))
-        if with_decoded:
-            paths.append(decoded_path(root, c.video, c.bucket))
+        paths = _tensor_files(root, c) + ([decoded_path(root, c.video, c.bucket)] if with_decoded else [])
         for p in paths:
             files[p.relative_to(root).as_posix()] = p.stat().st_size
     return files
+
+
+def _manifest_checksums(root: Path, clips: list[CachedClip], sums: _Checksums) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sums.of(p) for c in clips for p in _tensor_files(root, c)}
 
 
 def _reusable(mpath: Path, root: Path, settings: dict, sources: dict, with_decoded: bool) -> Manifest | None:
@@ -664,13 +709,15 @@ def _reusable(mpath: Path, root: Path, settings: dict, sources: dict, with_decod
         return None
     if manifest.sources != sources:
         return None
-    for rel, size in manifest.files.items():
-        p = root / rel
-        try:
-            if p.stat().st_size != size:
-                return None
-        except OSError:
+    if not manifest.checksums:
+        return None  # written before checksums: the full path adds them (and encodes nothing that is intact)
+    try:
+        if any((root / rel).stat().st_size != size for rel, size in manifest.files.items()):
             return None
+        if any(file_checksum(root / rel) != checksum for rel, checksum in manifest.checksums.items()):
+            return None  # damaged or edited since: the full path encodes it again
+    except OSError:
+        return None
     if with_decoded and not _previews_current(root, manifest.clips):
         return None
     return manifest
@@ -763,7 +810,7 @@ def _log_report(mpath: Path, root: Path, manifest: Manifest, report: _Report, se
         f"  {'conditions':12}{report.conditions_encoded:>9}{report.conditions_reused:>9}",
     ]
     if report.repaired:
-        lines.append(f"  repaired {report.repaired} unreadable cache file(s)")
+        lines.append(f"  repaired {report.repaired} damaged cache file(s) (see notes)")
     if report.decoded or report.previews_removed:
         removed = f", removed {report.previews_removed} old one(s)" if report.previews_removed else ""
         lines.append(f"  decoded {report.decoded} preview video(s) to {decoded_dir(root)}{removed}")
@@ -812,17 +859,17 @@ def _reuse(cfg, mpath: Path, root: Path, settings: dict, sources: dict, t0: floa
     return True
 
 
-def _missing_conditions(cfg, root: Path, items: list[_Item], device, dtype, report: _Report) -> None:
+def _missing_conditions(cfg, root: Path, items: list[_Item], device, dtype, report: _Report, sums) -> None:
     max_len = cfg.dataset.preprocessing.max_text_length
     cond_paths = {it.condition_key: condition_path(root, it.condition_key) for it in items}
-    cond_todo = _needed(cond_paths, lambda k, p: _check_condition(p, max_len), report)
+    cond_todo = _needed(cond_paths, lambda k, p: _check_condition(p, max_len), report, sums)
     report.conditions_reused = len(cond_paths) - len(cond_todo)
     if cond_todo:
         captions = {it.condition_key: it.caption for it in items}
         _encode_conditions(cfg, root, {k: captions[k] for k in cond_todo}, device, dtype, report)
 
 
-def _missing_latents(cfg, root, items: list[_Item], index: _SourceIndex, device, dtype, report: _Report):
+def _missing_latents(cfg, root, items: list[_Item], index: _SourceIndex, device, dtype, report: _Report, sums):
     """Encode the latents not yet cached. Returns (latent key -> why its video could not be decoded,
     latent key -> fps of the clips encoded now)."""
     fam = family(cfg.model)
@@ -831,7 +878,7 @@ def _missing_latents(cfg, root, items: list[_Item], index: _SourceIndex, device,
     for it in everything:
         first_by_latent.setdefault(it.latent_key, it)
     lat_paths = {k: latent_path(root, k) for k in first_by_latent}
-    lat_todo = _needed(lat_paths, lambda k, p: _check_latent(p, first_by_latent[k].bucket, fam), report)
+    lat_todo = _needed(lat_paths, lambda k, p: _check_latent(p, first_by_latent[k].bucket, fam), report, sums)
     report.latents_reused = len(lat_paths) - len(lat_todo)
     bad_reasons: dict[str, str] = {}
     if not lat_todo:
@@ -902,8 +949,9 @@ def run_preprocess(cfg) -> Path:
     if not items:
         raise _no_clip_error(folder, report.skipped)
     # Text first, then the VAE: only one model is in memory at a time.
-    _missing_conditions(cfg, root, items, device, dtype, report)
-    bad_reasons, fps_by_key = _missing_latents(cfg, root, items, index, device, dtype, report)
+    sums = _Checksums(root)
+    _missing_conditions(cfg, root, items, device, dtype, report, sums)
+    bad_reasons, fps_by_key = _missing_latents(cfg, root, items, index, device, dtype, report, sums)
     report.skipped = list(report.skipped)
     clips = _cached_clips(root, items, bad_reasons, fps_by_key, report.skipped)
     if "audio" in settings:
@@ -922,6 +970,7 @@ def run_preprocess(cfg) -> Path:
         notes=[i.to_json() for i in report.notes],
         sources=sources,
         files=_manifest_files(root, clips, pp.decode_videos),
+        checksums=_manifest_checksums(root, clips, sums),
     )
     write_json_atomic(mpath, manifest.to_json())  # last: a killed run leaves the previous manifest or none
     if pp.prune:

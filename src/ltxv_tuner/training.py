@@ -29,7 +29,7 @@ import torch
 from . import checkpoints as ckpts
 from . import metrics, models, sharding, strategies
 from .cache import write_json_atomic
-from .config import Config
+from .config import Config, shown
 from .dataset import BatchOrder, CachedDataset, step_batches
 from .errors import UserError
 from .logs import progress, quiet_libraries, run_log
@@ -402,11 +402,12 @@ def setup(accelerator, cfg: Config, run_dir: Path, manifest_path: Path, resume_c
                  lr_scheduler, params)  # fmt: skip
     if resume_ckpt is not None:
         state = ckpts.load_checkpoint(accelerator, resume_ckpt, cfg.model_dump(mode="json"))
+        ckpts.check_resume_data(resume_ckpt, state, ckpts.data_fingerprint(data.clips))
         tr.step, tr.data_position = state["step"], state["data_position"]
         if accelerator.is_main_process:
             metrics.truncate_metrics(tr.metrics_path, tr.step)
         log.info("resumed from %s at step %d", resume_ckpt, tr.step)
-        _note_schedule_change(tr, state.get("config", {}).get("training", {}))
+        _apply_resume_changes(tr, resume_ckpt, state)
     if accelerator.is_main_process:
         ckpts.remove_temp_checkpoints(run_dir)
     log.info(
@@ -423,29 +424,63 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+# Settings kept in the restored optimizer and LR scheduler state rather than read from the config at each use.
+_OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay", "steps", "scheduler_type", "warmup_steps")
+
+
+def _apply_resume_changes(tr: Trainer, ckpt: Path, state: dict) -> None:
+    """Settings changed since the checkpoint (those that may not change were refused before) apply from the next
+    step, and one line says which. Most are read from the config where they are used; the learning rate and weight
+    decay live in the restored optimizer and schedule state, so they are set here. The schedule's shape and length
+    come from the config already (its functions are not saved), so only its current value is set again."""
+    saved = state.get("config", {})
+    changes = ckpts.resume_changes(saved, tr.cfg.model_dump(mode="json"))
+    _note_schedule_change(tr, saved.get("training", {}))
+    if any(key.removeprefix("training.") in _OPTIMIZER_SETTINGS for key, _, _ in changes):
+        _set_optimizer_settings(tr)
+    said = [f"{key} {shown(old)} -> {shown(new)}" for key, old, new in changes]
+    saved_processes, processes = state.get("num_processes"), tr.accelerator.num_processes
+    if saved_processes not in (None, processes):  # data parallel (a sharded checkpoint was refused)
+        said.append(
+            f"processes {saved_processes} -> {processes} (batches per step change with them; a process without a "
+            "saved random state starts from the seed)"
+        )
+    if said:
+        log.info(
+            "resume: changed since %s, applied from step %d: %s; the optimizer's learning rate for step %d is %.3e",
+            ckpt.name, tr.step + 1, "; ".join(said), tr.step + 1, tr.optimizer.param_groups[0]["lr"],
+        )  # fmt: skip
+
+
+def _set_optimizer_settings(tr: Trainer) -> None:
+    """The configured peak learning rate and weight decay into the restored schedule and optimizer, and the LR of the
+    coming step from the configured schedule (the restored value came from the old one)."""
+    t = tr.cfg.training
+    scheduler = getattr(tr.lr_scheduler, "scheduler", tr.lr_scheduler)  # accelerate's wrapper holds the real one
+    scheduler.base_lrs = [t.learning_rate for _ in scheduler.base_lrs]
+    for group, factor in zip(tr.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = t.learning_rate
+        group["lr"] = t.learning_rate * factor(scheduler.last_epoch)
+        group["weight_decay"] = t.weight_decay
+
+
 def _note_schedule_change(tr: Trainer, saved: dict) -> None:
     """A resume with another length or shape of the LR schedule continues on the new one from the current step,
-    which can make the LR jump (a finished linear schedule is at 0; stretched to more steps it is not). The peak
-    learning rate, on the other hand, comes from the checkpoint (optimizer and scheduler state). Say both."""
+    which can make the LR jump (a finished linear schedule is at 0; stretched to more steps it is not). Say so,
+    with the number metrics.jsonl will show."""
     t = tr.cfg.training
     changed = [
         f"training.{key} {saved[key]} -> {getattr(t, key)}"
         for key in ("steps", "scheduler_type", "warmup_steps")
         if key in saved and saved[key] != getattr(t, key)
     ]
-    scheduler = getattr(tr.lr_scheduler, "scheduler", tr.lr_scheduler)  # accelerate's wrapper holds the real one
-    before = scheduler.get_last_lr()[0]
-    after = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](tr.step + 1)  # what the log shows after the next step
+    scheduler = getattr(tr.lr_scheduler, "scheduler", tr.lr_scheduler)
+    before = scheduler.get_last_lr()[0]  # restored: the old schedule's
+    after = t.learning_rate * scheduler.lr_lambdas[0](tr.step + 1)  # what the log shows after the next step
     if changed and abs(after - before) > 1e-12 + 1e-6 * abs(before):
         log.info(
             "note: %s since the checkpoint: the LR schedule now spans %d steps, so the LR jumps from %.3e at step %d "
             "to %.3e at step %d (metrics.jsonl)", "; ".join(changed), t.steps, before, tr.step, after, tr.step + 1,
-        )  # fmt: skip
-    if "learning_rate" in saved and saved["learning_rate"] != t.learning_rate:
-        log.info(
-            "note: training.learning_rate %s -> %s is not applied on a resume: the schedule continues from the "
-            "checkpoint's peak %s (start a new run to train with another learning rate)",
-            saved["learning_rate"], t.learning_rate, saved["learning_rate"],
         )  # fmt: skip
 
 
@@ -477,6 +512,7 @@ def _save(tr: Trainer) -> None:
         "data_position": tr.data_position,
         "num_processes": accelerator.num_processes,
         "config": cfg.model_dump(mode="json"),
+        "data": ckpts.data_fingerprint(tr.data.clips),
     }
     ckpts.save_checkpoint(accelerator, tr.run_dir, tr.step, state, write_weights, cfg.checkpoints.keep_last_n)
 
