@@ -25,7 +25,15 @@ import torch
 from ..errors import UserError
 from . import hub, ltx2_keys, ltx2_tiny
 from .single_file import Header, build_from_state, is_aux_key, lora_like, match, read_header, read_tensors
-from .sources import HF_REVISION, MODEL_CONFIGS, file_identity, folder_identity, missing_path_error, versions
+from .sources import (
+    HF_REVISION,
+    MODEL_CONFIGS,
+    file_identity,
+    folder_identity,
+    missing_path_error,
+    text_encoder_dirs,
+    versions,
+)
 
 KEY = "model.model_source"
 CONFIG_DIRS = ("ltx2-19b", "ltx2.3-22b", "ltx2.5-22b")  # shipped diffusers configs: 2.0, 2.3, 2.5
@@ -320,19 +328,6 @@ def _gemma_repo(model_cfg) -> str:
     return entry["text_encoder_repo"]
 
 
-def _gemma_dirs(folder: Path, key: str) -> tuple[Path, Path]:
-    """(tokenizer dir, model dir) of a folder with text_encoder/ + tokenizer/, or of a plain transformers folder."""
-    if (folder / "text_encoder" / "config.json").is_file():
-        tok = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder / "text_encoder"
-        return tok, folder / "text_encoder"
-    if (folder / "config.json").is_file():
-        return folder, folder
-    raise UserError(
-        f"{key}: {folder} is not a Gemma folder (expected config.json + weights + tokenizer files, or text_encoder/ "
-        "+ tokenizer/ subfolders)"
-    )
-
-
 def _load_tokenizer(folder: Path, key: str):
     """Gemma's tokenizer, left padding. A word-level tokenizer.json (the tiny model's, saved) is read verbatim:
     transformers 5's GemmaTokenizer rebuilds a BPE pipeline from the vocabulary, which would change its ids."""
@@ -364,7 +359,7 @@ def load_text_encoder(model_cfg, dtype=torch.float32, device="cpu"):
             repo, GEMMA_PATTERNS, lambda f: (f / "config.json").is_file() and (f / "tokenizer_config.json").is_file(),
             f"the Gemma text encoder ({repo})", "model.text_encoder", fix=_GEMMA_FIX,
         )  # fmt: skip
-    tok_dir, enc_dir = _gemma_dirs(folder, key)
+    tok_dir, enc_dir = text_encoder_dirs(folder, key, "Gemma")
     from transformers import AutoModelForImageTextToText
 
     tokenizer = _load_tokenizer(tok_dir, key)

@@ -48,6 +48,7 @@ from .sources import (
     missing_path_error,
     named_versions,
     path_identity,
+    text_encoder_dirs,
 )
 from .sources import versions as _versions
 
@@ -316,19 +317,6 @@ def load_vae(model_cfg, dtype=torch.float32, device="cpu"):
     return _load_single_file_vae(_single_file_path(src), src.config_dir, dtype, device)
 
 
-def _text_encoder_dirs(folder: Path, key: str) -> tuple[Path, Path]:
-    """(tokenizer dir, encoder dir) of a folder with text_encoder/ + tokenizer/, or of a plain T5 folder."""
-    if (folder / "text_encoder" / "config.json").is_file():
-        tok = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder / "text_encoder"
-        return tok, folder / "text_encoder"
-    if (folder / "config.json").is_file():
-        return folder, folder
-    raise UserError(
-        f"{key}: {folder} is not a T5 folder (expected text_encoder/ + tokenizer/ subfolders, or config.json + "
-        "weights + tokenizer files)"
-    )
-
-
 def _text_encoder_source(model_cfg) -> tuple[str, Path | None]:
     """('tiny', None) | ('local', folder) | ('hf', None) - where the T5 comes from."""
     if model_cfg.text_encoder:
@@ -356,7 +344,7 @@ def load_text_encoder(model_cfg, dtype=torch.float32, device="cpu"):
             "the T5 text encoder (text_encoder/, tokenizer/)",
             "model.text_encoder",
         )
-    tok_dir, enc_dir = _text_encoder_dirs(folder, key)
+    tok_dir, enc_dir = text_encoder_dirs(folder, key, "T5")
     from transformers import T5EncoderModel, T5Tokenizer
 
     try:

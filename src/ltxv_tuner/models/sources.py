@@ -167,3 +167,17 @@ def folder_identity(path: Path) -> str:
 
 def path_identity(path: Path) -> str:
     return folder_identity(path) if path.is_dir() else file_identity(path)
+
+
+def text_encoder_dirs(folder: Path, key: str, what: str) -> tuple[Path, Path]:
+    """(tokenizer dir, model dir) of a folder with text_encoder/ + tokenizer/ subfolders, or of a plain transformers
+    folder; `what` names the encoder in the error (T5, Gemma)."""
+    if (folder / "text_encoder" / "config.json").is_file():
+        tok = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder / "text_encoder"
+        return tok, folder / "text_encoder"
+    if (folder / "config.json").is_file():
+        return folder, folder
+    raise UserError(
+        f"{key}: {folder} is not a {what} folder (expected text_encoder/ + tokenizer/ subfolders, or config.json + "
+        "weights + tokenizer files)"
+    )
