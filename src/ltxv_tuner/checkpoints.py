@@ -57,7 +57,9 @@ RESUME_MUST_MATCH = (
     "dataset.preprocessing.vae_posterior",
     "dataset.preprocessing.vae_tiling",
     "dataset.preprocessing.frame_sampling",
+    "dataset.reference_downscale",
     "training.strategy",
+    "training.audio",
     "training.sharding",
     "training.batch_size",
     "training.optimizer_type",
@@ -65,7 +67,12 @@ RESUME_MUST_MATCH = (
 )
 # Settings added after checkpoints were first written: a checkpoint without them had the default. Other keys a
 # checkpoint does not have are not compared (changed data is still caught by its fingerprint).
-_RESUME_DEFAULTS = {"training.strategy": "text_to_video", "training.sharding": "none"}
+_RESUME_DEFAULTS = {
+    "training.strategy": "text_to_video",
+    "training.sharding": "none",
+    "training.audio": "auto",
+    "dataset.reference_downscale": 1,
+}
 # Means nothing to a resumed run: the run folder is given (or found under it).
 _RESUME_IGNORED = ("output_dir",)
 _MISSING = object()
