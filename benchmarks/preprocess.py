@@ -5,8 +5,9 @@
 Generates N smooth synthetic clips (tests/videogen.py), then prints, in one run (compare figures within a run:
 shared machines are noisy):
 - limit: clips/s of the T5 + VAE encoding alone, on clips decoded beforehand (what the stage is bound by);
-- cold: clips/s of the whole preprocessing call (scan, decode, encode, write) per num_workers, best and median
-  of --repeat runs, and the share of the limit it reaches;
+- cold: clips/s of the whole preprocessing call (scan, model loads, decode, encode, write) per num_workers, best and
+  median of --repeat runs, and the share of the limit it reaches; and of its encoding stage (decode + VAE + write,
+  overlapped; the report's `time: ... latents` figure) against the VAE alone;
 - warm: the same call with nothing to do, and after adding one clip (exactly one latent is encoded);
 - no-op process: `python train.py CONFIG --only preprocess` on the complete cache, next to `python -c "import
   torch"` (the floor of any PyTorch process).
@@ -61,17 +62,23 @@ def raw_config(folder: Path, w: int, h: int, workers: int) -> dict:
 
 
 @torch.inference_mode()
-def encode_limit(folder: Path, clips: list[Path], w: int, h: int) -> float:
-    """Seconds for T5 on every caption + the VAE on every clip, frames decoded and converted beforehand."""
+def encode_limit(folder: Path, clips: list[Path], w: int, h: int) -> tuple[float, float]:
+    """Seconds for (T5 on every caption, the VAE on every clip), frames decoded and converted beforehand."""
     pixels = [frames_to_vae_input(read_clip(c, w // 32 * 32, h // 32 * 32, 17)[0])[None] for c in clips]
     captions = [c.with_suffix(".txt").read_text().strip() for c in clips]
     tok, enc, vae = ltxv_tiny.build_tiny_tokenizer(), ltxv_tiny.build_tiny_text_encoder(), ltxv_tiny.build_tiny_vae()
     t0 = time.perf_counter()
     for text in captions:
         ltxv.encode_captions(tok, enc, [text], 128, "cpu")
-    for x in pixels:
-        ltxv.encode_video(vae, x)
-    return time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for x, seed in zip(pixels, range(len(pixels)), strict=True):
+        ltxv.encode_video(vae, x, "sample", [seed])  # the default posterior draw, as preprocessing does
+    return t1 - t0, time.perf_counter() - t1
+
+
+def stage_seconds(report: str) -> float:
+    """The encoding stage's seconds from the preprocessing report (`time: ... latents X s`)."""
+    return float(re.search(r"latents (\d+\.\d+) s", report).group(1))
 
 
 def process_noop(config: Path, repeat: int) -> tuple[list[float], list[float]]:
@@ -108,18 +115,25 @@ def main() -> None:
         for i, clip in enumerate(clips):
             make_clip(clip, w, h, args.frames, seed=i, caption=f"a red ball bouncing {i}")
 
-        limit = min(encode_limit(folder, clips, w, h) for _ in range(args.repeat))
-        print(f"limit: T5 + VAE alone on decoded clips: {args.clips / limit:6.1f} clips/s (best of {args.repeat})")
+        limits = [encode_limit(folder, clips, w, h) for _ in range(args.repeat)]
+        limit, vae_limit = min(t + v for t, v in limits), min(v for _, v in limits)
+        print(f"limit: T5 + VAE alone on decoded clips: {args.clips / limit:6.1f} clips/s; VAE alone "
+              f"{args.clips / vae_limit:.1f} clips/s (best of {args.repeat})")  # fmt: skip
         for n in workers:
             cfg = validate_config(raw_config(folder, w, h, n))
-            runs = []
+            runs, stages = [], []
             for _ in range(args.repeat):
                 shutil.rmtree(cache_root(folder), ignore_errors=True)
-                runs.append(timed(cfg)[0])
-            rate = args.clips / min(runs)
+                seconds, report = timed(cfg)
+                runs.append(seconds)
+                stages.append(stage_seconds(report))
+            rate, median = args.clips / min(runs), args.clips / statistics.median(runs)
+            stage, stage_median = args.clips / min(stages), args.clips / statistics.median(stages)
             print(
-                f"cold, num_workers={n}: {rate:6.1f} clips/s best ({args.clips / statistics.median(runs):.1f} median)"
-                f" = {100 * limit / min(runs):.0f}% of the limit"
+                f"cold, num_workers={n}: whole call {rate:6.1f} clips/s best ({median:.1f} median) = "
+                f"{100 * limit / min(runs):.0f}% of the T5 + VAE limit; encoding stage (decode + VAE + write, "
+                f"overlapped) {stage:.1f} clips/s best ({stage_median:.1f} median) = "
+                f"{100 * vae_limit / min(stages):.0f}% of the VAE-alone limit"
             )
         warm, out = timed(cfg)
         assert "cache reused" in out, out

@@ -307,6 +307,7 @@ class _Report:
     decoded: int = 0
     previews_removed: int = 0
     pruned: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # where the time went: scan, model loads, encoding
 
 
 def _plan_reference(src: ClipSource, refs: ReferenceScan, index: _SourceIndex, settings: dict, bucket, start):
@@ -475,7 +476,10 @@ def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, d
     pp = cfg.dataset.preprocessing
     max_len, batch_size = pp.max_text_length, pp.batch_size
     fam = family(cfg.model)
+    t0 = time.perf_counter()
     tokenizer, encoder = fam.load_text_encoder(cfg.model, dtype=dtype, device=device)
+    t1 = time.perf_counter()
+    report.seconds["text encoder load"] = t1 - t0
     keys = list(captions)
     with progress(total=len(keys), desc="captions", unit="caption") as bar:
         for i in range(0, len(keys), batch_size):
@@ -495,6 +499,7 @@ def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, d
                 )
                 report.conditions_encoded += 1
             bar.update(len(batch))
+    report.seconds["captions"] = time.perf_counter() - t1
     del tokenizer, encoder
     _release_memory()
 
@@ -571,6 +576,7 @@ def _encode_latents(
     """Encode one latent per item (items share no key). Returns fps per latent key; bad videos go to on_bad."""
     pp = cfg.dataset.preprocessing
     fam = family(cfg.model)
+    t0 = time.perf_counter()
     vae = fam.load_vae(cfg.model, dtype=dtype, device=device)
     if pp.vae_tiling:
         vae.enable_tiling()
@@ -582,6 +588,8 @@ def _encode_latents(
     ordered = [item for group in by_bucket.values() for item in group]
 
     audio = _AudioEncoder(cfg, fam, device, dtype, report) if fam.audio_mode(cfg) != "off" else None
+    t1 = time.perf_counter()
+    report.seconds["VAE load"] = t1 - t0
 
     def decode(item: _Item):  # in a worker thread when num_workers > 0: decoding overlaps the VAE
         w, h, f = item.bucket
@@ -621,6 +629,7 @@ def _encode_latents(
             bar.update(1)
         if batch:
             flush(batch)
+    report.seconds["latents"] = time.perf_counter() - t1  # the encoding stage: decode, encode, write (overlapped)
     vae = audio = None  # the flush closure holds the names; dropping the references is what frees them
     _release_memory()
     return fps_by_key
@@ -816,6 +825,10 @@ def _log_report(mpath: Path, root: Path, manifest: Manifest, report: _Report, se
         lines.append(f"  decoded {report.decoded} preview video(s) to {decoded_dir(root)}{removed}")
     if report.pruned:
         lines.append(f"  pruned {report.pruned} cache file(s) no clip refers to")
+    if report.seconds:
+        times = ", ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items())
+        rate = report.latents_encoded / report.seconds["latents"] if report.seconds.get("latents") else 0
+        lines.append(f"  time: {times}" + (f" ({rate:.1f} clips/s encoded)" if rate else ""))
     lines += _issue_lines("skipped", report.skipped) + _issue_lines("notes", report.notes)
     lines.append(f"  cache size on disk: {_human(_dir_size(root))}; manifest {mpath.name}")
     log.info("\n".join(lines))
@@ -943,7 +956,9 @@ def run_preprocess(cfg) -> Path:
     _check_cache_writable(root, folder)
     remove_stale_temp_files(root)
     report = _Report()
+    t_scan = time.perf_counter()
     items, index = _plan(folder, root, settings, report)
+    report.seconds["scan"] = time.perf_counter() - t_scan
     if cfg.dataset.strict and report.skipped:
         raise _strict_error(report.skipped)
     if not items:
