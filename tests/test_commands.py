@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import pytest
 from conftest import REPO
 
@@ -84,6 +86,20 @@ def test_every_readme_command_works_in_a_fresh_shell(tmp_path: Path):
     assert "note: training.steps 20 -> 30 since the checkpoint" in resume
     convert = next(v for k, v in out.items() if "--only convert" in k)
     assert re.search(r"convert: \S+run_\d{8}_\d{6}: 0 ComfyUI twin\(s\) written, 3 already up to date", convert)
+
+    # The LTX-2 quickstart: sound + video trained (the clip without sound video-only, reported), twins per
+    # checkpoint, a validation mp4 with the generated sound.
+    ltx2 = out["./train.sh configs/quickstart_ltx2.yaml"]
+    assert "sunset.mp4: no usable audio track: trains video-only" in ltx2 and "== done ==" in ltx2
+    (ltx2_run,) = (repo / "outputs" / "quickstart_ltx2").glob("run_*")
+    rows = [json.loads(line) for line in (ltx2_run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_audio" in r for r in rows) and all("loss_video" in r for r in rows)
+    for step in ("step_000010", "step_000020"):
+        names = sorted(p.name for p in (ltx2_run / "checkpoints" / step).glob("*.safetensors"))
+        assert names == [f"ltxv_lora_{step}.safetensors", f"ltxv_lora_{step}_comfy.safetensors"], names
+    (video,) = (ltx2_run / "validation" / "step_000020").glob("*.mp4")
+    with av.open(str(video)) as container:
+        assert container.streams.video and container.streams.audio
 
     # `python train.py` with a python that lacks the packages (here: whatever python3 is on PATH) uses venv/.
     r = shell("python3 train.py configs/quickstart.yaml --only convert", repo)
