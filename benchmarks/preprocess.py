@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import re
 import shutil
 import statistics
@@ -43,10 +44,20 @@ from ltxv_tuner.video import frames_to_vae_input, read_clip  # noqa: E402
 
 
 def timed(cfg) -> tuple[float, str]:
+    """Seconds of one preprocessing call, and what it printed and logged (its report)."""
     out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logger = logging.getLogger("ltxv_tuner")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        run_preprocess(cfg)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            run_preprocess(cfg)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     return time.perf_counter() - t0, out.getvalue()
 
 
