@@ -65,3 +65,25 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None =
         timeout=timeout,
         env=full_env,
     )
+
+
+# The longest tests (30-75 s each on a 2-core CPU), by name: they start first, so that under `pytest -n auto` the
+# workers end together instead of one of them running a long test alone at the end (about a minute less).
+LONGEST_FIRST = (
+    "test_sharded_run_killed_after_a_checkpoint_resumes_bit_identical",
+    "test_every_readme_command_works_in_a_fresh_shell",
+    "test_lora_on_a_sharded_base_exports_the_same_lora_format",
+    "test_sharded_full_fine_tune_matches_data_parallel_and_exports_the_same_files",
+    "test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run",
+    "test_two_process_cpu_run_end_to_end_then_resume",
+    "test_resume_latest_continues_the_same_run",
+    "test_resume_with_fewer_steps_than_the_run_has_is_refused",
+    "test_tiny_lora_overfits_one_clip",
+    "test_only_stages_and_convert_existing_run",
+    "test_quant_int8_two_process_run",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.originalname or item.name, len(rank)))
