@@ -30,6 +30,7 @@ from .sources import (
     MODEL_CONFIGS,
     file_identity,
     folder_identity,
+    folder_scheduler,
     missing_path_error,
     text_encoder_dirs,
     versions,
@@ -368,12 +369,7 @@ def load_text_encoder(model_cfg, dtype=torch.float32, device="cpu"):
 
 
 def load_scheduler(model_cfg):
-    src = model_cfg.source
-    if src.kind == "diffusers" and (src.path / "scheduler" / "scheduler_config.json").is_file():
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(str(src.path), subfolder="scheduler")
-    return ltx2_tiny.build_scheduler()
+    return folder_scheduler(model_cfg.source) or ltx2_tiny.build_scheduler()
 
 
 # --------------------------------------------------------------------------------------------------

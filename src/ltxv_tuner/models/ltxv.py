@@ -44,6 +44,7 @@ from .sources import (
     ModelSource,
     file_identity,
     folder_identity,
+    folder_scheduler,
     lookup_version,
     missing_path_error,
     named_versions,
@@ -356,12 +357,7 @@ def load_text_encoder(model_cfg, dtype=torch.float32, device="cpu"):
 
 
 def load_scheduler(model_cfg):
-    src = model_cfg.source
-    if src.kind == "diffusers" and (src.path / "scheduler" / "scheduler_config.json").is_file():
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(str(src.path), subfolder="scheduler")
-    return build_scheduler()
+    return folder_scheduler(model_cfg.source) or build_scheduler()
 
 
 # --------------------------------------------------------------------------------------------------

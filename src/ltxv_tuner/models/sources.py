@@ -181,3 +181,12 @@ def text_encoder_dirs(folder: Path, key: str, what: str) -> tuple[Path, Path]:
         f"{key}: {folder} is not a {what} folder (expected text_encoder/ + tokenizer/ subfolders, or config.json + "
         "weights + tokenizer files)"
     )
+
+
+def folder_scheduler(src: ModelSource):
+    """The scheduler a diffusers folder ships (scheduler/scheduler_config.json), or None."""
+    if src.kind != "diffusers" or not (src.path / "scheduler" / "scheduler_config.json").is_file():
+        return None
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(str(src.path), subfolder="scheduler")
