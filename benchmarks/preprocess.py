@@ -1,12 +1,13 @@
 """Preprocessing benchmark on the tiny model: the encoding stage against its limit, warm and whole-process no-op.
 
-    python benchmarks/preprocess.py [--clips 50] [--frames 17] [--size 128x96] [--workers 0,1,2] [--repeat 3]
+    python benchmarks/preprocess.py [--clips 50] [--frames 17] [--size 128x96] [--workers default,0,1,2] [--rounds 5]
 
 Generates N smooth synthetic clips (tests/videogen.py), then prints, in one run (compare figures within a run:
 shared machines are noisy):
 - limit: clips/s of the T5 + VAE encoding alone, on clips decoded beforehand (what the stage is bound by);
 - cold: clips/s of the whole preprocessing call (scan, model loads, decode, encode, write) per num_workers, best and
-  median of --repeat runs, and the share of the limit it reaches; and of its encoding stage (decode + VAE + write,
+  median of --rounds paired rounds (each round times the limit, then every setting, in rotated order), and the share
+  of the limit it reaches (median and range of the per-round ratios); and of its encoding stage (decode + VAE + write,
   overlapped; the report's `time: ... latents` figure) against the VAE alone;
 - warm: the same call with nothing to do, and after adding one clip (exactly one latent is encoded);
 - no-op process: `python train.py CONFIG --only preprocess` on the complete cache, next to `python -c "import
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import io
 import logging
+import os
 import re
 import shutil
 import statistics
@@ -39,7 +41,7 @@ from ltxv_tuner.cache import cache_root  # noqa: E402
 from ltxv_tuner.config import validate_config  # noqa: E402
 from ltxv_tuner.logs import quiet_libraries  # noqa: E402
 from ltxv_tuner.models import ltxv, ltxv_tiny  # noqa: E402
-from ltxv_tuner.preprocess import run_preprocess  # noqa: E402
+from ltxv_tuner.preprocess import decode_workers, run_preprocess  # noqa: E402
 from ltxv_tuner.video import frames_to_vae_input, read_clip  # noqa: E402
 
 
@@ -61,7 +63,7 @@ def timed(cfg) -> tuple[float, str]:
     return time.perf_counter() - t0, out.getvalue()
 
 
-def raw_config(folder: Path, w: int, h: int, workers: int) -> dict:
+def raw_config(folder: Path, w: int, h: int, workers: int | None) -> dict:
     return {
         "dataset": {
             "data_folder": str(folder),
@@ -98,8 +100,10 @@ def process_noop(config: Path, repeat: int) -> tuple[list[float], list[float]]:
         subprocess.run(cmd, check=True, capture_output=True)
         return time.perf_counter() - t0
 
-    noop = [run([sys.executable, str(ROOT / "train.py"), str(config), "--only", "preprocess"]) for _ in range(repeat)]
-    floor = [run([sys.executable, "-c", "import torch"]) for _ in range(repeat)]
+    noop, floor = [], []
+    for _ in range(repeat):  # alternated: a busy moment hits both alike
+        noop.append(run([sys.executable, str(ROOT / "train.py"), str(config), "--only", "preprocess"]))
+        floor.append(run([sys.executable, "-c", "import torch"]))
     return noop, floor
 
 
@@ -107,45 +111,71 @@ def stats(values: list[float]) -> str:
     return f"best {min(values):.2f} s, median {statistics.median(values):.2f} s"
 
 
+def cpu_steal() -> tuple[float, float]:
+    """(seconds the machine's CPUs ran anything, seconds the hypervisor gave them to other guests): /proc/stat."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    tick = 100.0  # USER_HZ
+    return sum(fields[:8]) / tick, (fields[7] if len(fields) > 7 else 0.0) / tick
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=50)
     p.add_argument("--frames", type=int, default=17, help="frames per generated clip (bucket uses 17)")
     p.add_argument("--size", default="128x96")
-    p.add_argument("--workers", default="0,1,2", help="preprocessing.num_workers values to compare")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--workers", default="default,0,1,2", help="preprocessing.num_workers values to compare")
+    p.add_argument("--rounds", type=int, default=5, help="paired rounds: the limit, then each setting")
     args = p.parse_args()
     quiet_libraries()
     w, h = map(int, args.size.split("x"))
-    workers = [int(x) for x in args.workers.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; {args.clips} clips {args.size}x17")
+    workers = [None if x == "default" else int(x) for x in args.workers.split(",")]
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} intra-op threads, default "
+        f"num_workers {decode_workers(None)}; {args.clips} clips {args.size}x{args.frames} (bucket x17); "
+        f"{args.rounds} paired rounds"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "data"
         clips = [folder / f"clip{i:03d}.mp4" for i in range(args.clips)]
         for i, clip in enumerate(clips):
             make_clip(clip, w, h, args.frames, seed=i, caption=f"a red ball bouncing {i}")
+        cfgs = {n: validate_config(raw_config(folder, w, h, n)) for n in workers}
+        timed(cfgs[workers[0]])  # warm-up: first decode, first conv kernels, page cache
 
-        limits = [encode_limit(folder, clips, w, h) for _ in range(args.repeat)]
-        limit, vae_limit = min(t + v for t, v in limits), min(v for _, v in limits)
-        print(f"limit: T5 + VAE alone on decoded clips: {args.clips / limit:6.1f} clips/s; VAE alone "
-              f"{args.clips / vae_limit:.1f} clips/s (best of {args.repeat})")  # fmt: skip
-        for n in workers:
-            cfg = validate_config(raw_config(folder, w, h, n))
-            runs, stages = [], []
-            for _ in range(args.repeat):
+        # Each round measures the limit and then every setting back to back, so a neighbour's load hits a round's
+        # pair alike; the ratio is taken within a round (paired) and summarised over rounds.
+        limits, vae_limits = [], []
+        runs: dict = {n: [] for n in workers}
+        stages: dict = {n: [] for n in workers}
+        busy0, steal0 = cpu_steal()
+        for r in range(args.rounds):
+            t5, vae = encode_limit(folder, clips, w, h)
+            limits.append(t5 + vae)
+            vae_limits.append(vae)
+            for n in workers[r % len(workers) :] + workers[: r % len(workers)]:  # rotate the order
                 shutil.rmtree(cache_root(folder), ignore_errors=True)
-                seconds, report = timed(cfg)
-                runs.append(seconds)
-                stages.append(stage_seconds(report))
-            rate, median = args.clips / min(runs), args.clips / statistics.median(runs)
-            stage, stage_median = args.clips / min(stages), args.clips / statistics.median(stages)
+                seconds, report = timed(cfgs[n])
+                runs[n].append(seconds)
+                stages[n].append(stage_seconds(report))
+        busy1, steal1 = cpu_steal()
+        steal = 100 * (steal1 - steal0) / max(busy1 - busy0, 1e-9)
+        print(
+            f"limit, T5 + VAE alone on decoded clips: {rate(args.clips, limits)}; "
+            f"VAE alone {rate(args.clips, vae_limits)} (CPU time taken by other guests meanwhile: {steal:.1f} %)"
+        )
+        for n in workers:
+            name = f"num_workers={n}" if n is not None else f"default ({decode_workers(None)})"
+            whole = [lim / t for lim, t in zip(limits, runs[n], strict=True)]
+            stage = [lim / t for lim, t in zip(vae_limits, stages[n], strict=True)]
             print(
-                f"cold, num_workers={n}: whole call {rate:6.1f} clips/s best ({median:.1f} median) = "
-                f"{100 * limit / min(runs):.0f}% of the T5 + VAE limit; encoding stage (decode + VAE + write, "
-                f"overlapped) {stage:.1f} clips/s best ({stage_median:.1f} median) = "
-                f"{100 * vae_limit / min(stages):.0f}% of the VAE-alone limit"
+                f"{name:>16}: encoding stage {rate(args.clips, stages[n])} = {share(stage)} of the VAE-alone limit; "
+                f"whole call {rate(args.clips, runs[n])} = {share(whole)} of the T5 + VAE limit"
             )
+        cfg = cfgs[workers[0]]
         warm, out = timed(cfg)
         assert "cache reused" in out, out
         make_clip(folder / "zz_new.mp4", w, h, args.frames, seed=999, caption="a new clip")
@@ -154,9 +184,18 @@ def main() -> None:
         print(f"warm, nothing to do: {warm * 1000:.1f} ms in process; add one clip: {add:.2f} s (one latent encoded)")
 
         config = Path(tmp) / "bench.yaml"
-        config.write_text(yaml.safe_dump(raw_config(folder, w, h, workers[-1])))
-        noop, floor = process_noop(config, args.repeat)
+        config.write_text(yaml.safe_dump(raw_config(folder, w, h, workers[0])))
+        noop, floor = process_noop(config, args.rounds)
         print(f"no-op process (train.py --only preprocess): {stats(noop)}; `import torch` alone: {stats(floor)}")
+
+
+def rate(clips: int, seconds: list[float]) -> str:
+    return f"{clips / min(seconds):.1f} clips/s best, {clips / statistics.median(seconds):.1f} median"
+
+
+def share(ratios: list[float]) -> str:
+    """Paired ratios (limit time / measured time, one per round): median and range."""
+    return f"{100 * statistics.median(ratios):.0f} % median ({100 * min(ratios):.0f}-{100 * max(ratios):.0f} %)"
 
 
 if __name__ == "__main__":

@@ -693,3 +693,35 @@ def test_per_file_faults_are_reported_skips_and_the_other_clips_are_encoded(tmp_
         assert name in out
     with pytest.raises(UserError, match="dataset.strict is on and 4 file"):
         run_preprocess(make_cfg(folder, strict=True))
+
+
+def test_disk_full_while_writing_latents_is_one_line_and_a_rerun_encodes_only_what_is_missing(tmp_path, monkeypatch):
+    """Latent files are written on a background thread: a full disk still stops the run with one line naming the
+    file, leaves no temp file, keeps every file written before it, and the rerun encodes only the rest."""
+    import errno
+
+    from ltxv_tuner import cache
+
+    d = make_dataset(tmp_path / "data", n=5)
+    cfg = make_cfg(d, buckets=[[128, 96, 17]], preprocessing={"num_workers": 2})
+    real, calls = cache.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        if "latents" in tensors:
+            calls.append(path)
+            if len(calls) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(cache, "save_file", save_file)
+    with pytest.raises(UserError, match=r"(?i)disk.*full|no space") as err:
+        run_preprocess(cfg)
+    assert len(str(err.value).splitlines()) == 1 and ".safetensors" in str(err.value)
+    root = cache_root(d)
+    kept = sorted((root / "latents").glob("*.safetensors"))
+    assert len(kept) >= 2 and not list(root.rglob("*.tmp"))
+    before = {p: p.stat().st_mtime_ns for p in kept}
+    monkeypatch.undo()
+    manifest = Manifest.read(run_preprocess(cfg))
+    assert len(manifest.clips) == 5
+    assert {p: p.stat().st_mtime_ns for p in kept} == before  # written before the failure: reused, not rewritten

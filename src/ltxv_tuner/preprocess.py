@@ -467,6 +467,7 @@ def _needed(paths: dict[str, Path], ok: Callable[[str, Path], bool], report: _Re
 # A model below this size is left to reference counting (and Python's own collector) on the CPU: a full collection
 # costs ~0.3 s with torch + transformers loaded, 10 % of a 50-clip tiny-model run, and frees next to nothing.
 COLLECT_MIN_PARAMS = 100_000_000
+WRITE_AHEAD = 4  # latent files queued for the background writer before encoding waits for it
 
 
 def _param_count(*models) -> int:
@@ -553,6 +554,32 @@ def _in_order(items: list, fn: Callable, workers: int) -> Iterator[tuple]:
             yield item, fut.result()
 
 
+class _Writer:
+    """Cache files written (and fsynced) on one background thread while the next clip encodes, at most
+    WRITE_AHEAD behind. A failed write (disk full, permission) is raised by the next put() or on leaving the block;
+    leaving waits for every write, so each file put is complete on disk, or absent, afterwards."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-write")
+        self._pending: list = []
+
+    def put(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+        while len(self._pending) >= WRITE_AHEAD:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(save_tensors_atomic, path, tensors, metadata))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            while self._pending:
+                self._pending.pop(0).result()  # a failed write raises here (after the others finished)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class _AudioEncoder:
     """LTX-2: each clip's own audio track over the frames' time span -> log-mel -> audio VAE latents. A clip without
     an audio track (or with one that cannot be decoded) trains video-only, reported; with training.audio: on it is
@@ -618,16 +645,13 @@ def _encode_latents(
             tensors = {"latents": lat.float()}  # float32 on disk whatever the compute dtype: one contract for readers
             if mel is not None:
                 tensors["audio_latents"] = audio.encode(item, mel, fps)
-            save_tensors_atomic(
-                latent_path(root, item.latent_key),
-                tensors,
-                metadata={"fps": repr(fps), "video": item.src.rel, "format_version": str(CACHE_FORMAT_VERSION)},
-            )
+            metadata = {"fps": repr(fps), "video": item.src.rel, "format_version": str(CACHE_FORMAT_VERSION)}
+            writer.put(latent_path(root, item.latent_key), tensors, metadata)
             fps_by_key[item.latent_key] = fps
             report.latents_encoded += 1
 
     batch: list = []
-    with progress(total=len(ordered), desc="VAE latents", unit="clip") as bar:
+    with progress(total=len(ordered), desc="VAE latents", unit="clip") as bar, _Writer() as writer:
         for item, result in _in_order(ordered, decode, decode_workers(pp.num_workers)):
             if isinstance(result, VideoError):
                 on_bad(item, str(result))
