@@ -39,9 +39,10 @@ from videogen import make_clip  # noqa: E402
 
 from ltxv_tuner.cache import cache_root  # noqa: E402
 from ltxv_tuner.config import validate_config  # noqa: E402
+from ltxv_tuner.encode import decode_workers  # noqa: E402
 from ltxv_tuner.logs import quiet_libraries  # noqa: E402
 from ltxv_tuner.models import ltxv, ltxv_tiny  # noqa: E402
-from ltxv_tuner.preprocess import decode_workers, run_preprocess  # noqa: E402
+from ltxv_tuner.preprocess import run_preprocess  # noqa: E402
 from ltxv_tuner.video import frames_to_vae_input, read_clip  # noqa: E402
 
 

@@ -19,6 +19,10 @@ EXAMPLES = REPO / "examples" / "quickstart_data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Parallel test workers (pytest -n auto) share the cores: one torch thread each, also in the train.py processes
+# they start; N workers of N threads each fight over N cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

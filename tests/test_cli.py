@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from conftest import REPO, run_cli
 from safetensors import safe_open
@@ -68,10 +70,26 @@ def test_quickstart_full_finetune(quickstart_config: Path, tmp_path: Path):
     assert "model.diffusion_model.adaln_single.linear.weight" in keys
 
 
+# train.py as a user runs it, then the heavy packages the process imported (printed at exit).
+IMPORTS_PROBE = (
+    "import atexit, runpy, sys; atexit.register(lambda: print('IMPORTED', sorted({m.split('.')[0] for m in "
+    "sys.modules} & {'torch', 'diffusers', 'transformers', 'accelerate'}))); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def test_only_stages_and_convert_existing_run(quickstart_config: Path, tmp_path: Path):
     r = run_cli(str(quickstart_config), "--only", "preprocess")
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (tmp_path / "outputs").exists()  # preprocessing alone makes no run folder
+    # Nothing to do: no model code is loaded, and with a CPU-only torch not even torch.
+    cmd = [sys.executable, "-c", IMPORTS_PROBE, str(REPO / "train.py"), str(quickstart_config), "--only", "preprocess"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0 and "cache reused, nothing to encode (4 clip(s)" in r.stdout + r.stderr, r.stderr
+    imported = r.stdout.split("IMPORTED")[-1]
+    assert "diffusers" not in imported and "transformers" not in imported and "accelerate" not in imported
+    if torch.version.cuda is None and torch.version.hip is None:
+        assert imported.strip() == "[]", imported
     r = run_cli(str(quickstart_config), "--only", "train", "training.steps=1", "checkpoints.interval=null")
     assert r.returncode == 0, r.stdout + r.stderr
     (run,) = _runs(tmp_path / "outputs")

@@ -207,8 +207,10 @@ def change_id_token(folder: Path, mp):
 
 
 def change_model(folder: Path, mp):
-    real = models.model_identity
-    mp.setattr(models, "model_identity", lambda m: {k: v + "-other" for k, v in real(m).items()})
+    from ltxv_tuner.models import ltxv_facts
+
+    real = ltxv_facts.model_identity
+    mp.setattr(ltxv_facts, "model_identity", lambda m: {k: v + "-other" for k, v in real(m).items()})
     return make_cfg(folder)
 
 
@@ -725,3 +727,26 @@ def test_disk_full_while_writing_latents_is_one_line_and_a_rerun_encodes_only_wh
     manifest = Manifest.read(run_preprocess(cfg))
     assert len(manifest.clips) == 5
     assert {p: p.stat().st_mtime_ns for p in kept} == before  # written before the failure: reused, not rewritten
+
+
+def test_the_device_of_a_cpu_only_torch_is_read_without_asking_torch(tmp_path, monkeypatch):
+    """The cache keys' dtype follows the device. A CPU-only build of torch is recognised from its version.py (no
+    import); any other build is asked whether it sees a GPU."""
+    import importlib.util
+
+    from ltxv_tuner import preprocess
+
+    pkg = tmp_path / "torch"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: importlib.machinery.ModuleSpec(
+        name, None, origin=str(pkg / "__init__.py")))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    (pkg / "version.py").write_text("cuda: Optional[str] = None\nhip: Optional[str] = None\n")
+    assert preprocess._device() == "cpu"  # a CPU-only build: torch.cuda was never asked
+    (pkg / "version.py").write_text("cuda: Optional[str] = '12.8'\nhip: Optional[str] = None\n")
+    assert preprocess._device() == "cuda"
+    (pkg / "version.py").write_text("cuda: Optional[str] = None\nhip: Optional[str] = '6.4.1'\n")
+    assert preprocess._device() == "cuda"  # ROCm builds answer through torch.cuda as well
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert preprocess._device() == "cpu"  # a CUDA build without a usable GPU

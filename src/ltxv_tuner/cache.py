@@ -27,12 +27,14 @@ import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from .errors import as_user_error
+
+if TYPE_CHECKING:
+    import torch
 
 CACHE_FORMAT_VERSION = 1
 
@@ -121,6 +123,20 @@ def atomic_write(path: Path, write) -> None:
         if isinstance(e, Exception) and (answer := as_user_error(e, path, path.name)) is not None:
             raise answer from e  # disk full, permission, read-only: one line naming the file
         raise
+
+
+# torch is imported by the first tensor read or written, not by this module: a run that finds its cache complete
+# checks it (sizes, CRC-32s, the manifest) without loading torch.
+def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file as save
+
+    save(tensors, path, metadata=metadata)
+
+
+def load_file(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file as load
+
+    return load(path)
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

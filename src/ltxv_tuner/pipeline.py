@@ -39,11 +39,13 @@ def run(
         return target
 
     started = time.time()
+    if only == "preprocess" and cache_complete(cfg):
+        return None
     resume_target = preflight.check(cfg, only=only, resume=resume)
     with contextlib.ExitStack() as held:
         if resume_target is not None:  # a second resume of this run is refused before it preprocesses anything
             held.enter_context(locks.run_lock(resume_target.run_dir))
-        manifest = find_cache(cfg) if only == "train" else stage_preprocess(cfg)
+        manifest = find_cache(cfg) if only == "train" else stage_preprocess(cfg, reuse_checked=only == "preprocess")
         if only == "preprocess":
             return None
         if resume_target is not None:
@@ -63,6 +65,15 @@ def _convert_after_training(cfg: Config, target: Path, only: str | None) -> None
         log.info("convert: skipped (checkpoints.auto_convert_to_comfy is false; run --only convert later)")
 
 
+def cache_complete(cfg: Config) -> bool:
+    """`--only preprocess`: True (reported) when the cache is complete for this config. The checks before it and
+    the cache check need no model: with a CPU-only torch, a run with nothing to do never imports torch."""
+    from .preprocess import reuse_cache
+
+    preflight.check_settings(cfg, only="preprocess")
+    return reuse_cache(cfg) is not None
+
+
 def find_cache(cfg: Config) -> Path:
     """`--only train`: the manifest preprocessing left for these settings (refused when stale)."""
     from .preprocess import find_manifest
@@ -70,11 +81,11 @@ def find_cache(cfg: Config) -> Path:
     return find_manifest(cfg)
 
 
-def stage_preprocess(cfg: Config) -> Path:
+def stage_preprocess(cfg: Config, reuse_checked: bool = False) -> Path:
     from .preprocess import run_preprocess
 
     log.info("== stage 1/3: preprocess ==")
-    return run_preprocess(cfg)
+    return run_preprocess(cfg, reuse_checked=reuse_checked)
 
 
 def open_run(cfg: Config, output_dir: Path, resume: preflight.ResumeTarget | None, config_path: Path | None) -> Path:

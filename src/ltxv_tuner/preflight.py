@@ -13,8 +13,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import checkpoints as ckpts
 from . import models
 from .config import Config
@@ -47,13 +45,8 @@ def check_flags(only: str | None, resume: str | None, run_dir: str | None) -> No
 
 def check(cfg: Config, only: str | None = None, resume: str | None = None) -> ResumeTarget | None:
     """All pre-work checks for a pipeline run (not `--only convert`, which needs none of them)."""
-    check_flags(only, resume, None)
+    check_settings(cfg, only, resume)
     models.family(cfg.model).check_config(cfg)  # what this model family cannot do (e.g. audio on LTXV)
-    check_acceleration(cfg)  # an option that cannot run should not cost an encode first
-    check_optimizer(cfg)
-    check_tracker(cfg)
-    if cfg.training.accelerate_config and Path(cfg.training.accelerate_config).is_file():
-        check_accelerate_config(Path(cfg.training.accelerate_config), cfg)
     output_dir = Path(cfg.output_dir).expanduser()
     if only != "preprocess" and not resume:
         ckpts.check_output_dir(output_dir)
@@ -72,6 +65,18 @@ def check(cfg: Config, only: str | None = None, resume: str | None = None) -> Re
     report(cfg, models.family(cfg.model).architecture(cfg.model))
     warn_ineffective_settings(cfg)
     return target
+
+
+def check_settings(cfg: Config, only: str | None = None, resume: str | None = None) -> None:
+    """The checks that need neither torch nor model code: flags, options that cannot run here, packages a setting
+    needs. `--only preprocess` makes them before it looks at the cache; `check` makes them first."""
+    check_flags(only, resume, None)
+    models.facts(cfg.model).audio_mode(cfg)  # e.g. training.audio: on for a model without audio
+    check_acceleration(cfg)  # an option that cannot run should not cost an encode first
+    check_optimizer(cfg)
+    check_tracker(cfg)
+    if cfg.training.accelerate_config and Path(cfg.training.accelerate_config).is_file():
+        check_accelerate_config(Path(cfg.training.accelerate_config), cfg)
 
 
 def check_acceleration(cfg: Config) -> None:
@@ -145,6 +150,8 @@ def check_accelerate_config(path: Path, cfg: Config) -> None:
 
 def planned_processes(cfg: Config) -> int | None:
     """How many processes training will start (None: an accelerate config file without num_processes decides)."""
+    import torch
+
     t = cfg.training
     if not (t.distributed or t.accelerate_config):
         return 1
@@ -192,6 +199,8 @@ def warn_ineffective_settings(cfg: Config) -> None:
 def report_device(cfg: Config) -> list[str]:
     """Where training will run, said before any work. Without a GPU that is the CPU: fine for the tiny test model,
     far too slow for a real one, and a CPU-only torch (the default wheel on Windows) is the usual reason."""
+    import torch
+
     t = cfg.training
     lines = []
     if torch.cuda.is_available():
@@ -346,6 +355,8 @@ def _too_big_advice(cfg: Config, tcfg: dict, bucket: list[int], n_params: int, g
 def report(cfg: Config, tcfg: dict | None, gpu: tuple[str, float] | None = None) -> list[str]:
     """Log one line per bucket; warn when the estimate exceeds the GPU (`gpu`: (name, bytes), default the visible
     one). Returns the lines."""
+    import torch
+
     lines = []
     fam = models.family(cfg.model)
     n_params = fam.count_params(tcfg) if tcfg else None

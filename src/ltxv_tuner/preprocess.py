@@ -12,17 +12,15 @@ from the recorded one (damaged or edited since, even at the same size) is encode
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
-import os
+import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from . import locks
 from .cache import (
@@ -41,12 +39,10 @@ from .cache import (
     hash_key,
     latent_path,
     latents_dir,
-    load_tensors,
     manifest_path,
     manifests_dir,
     read_header,
     remove_stale_temp_files,
-    save_tensors_atomic,
     sources_index_path,
     write_json_atomic,
 )
@@ -65,16 +61,13 @@ from .data import (
 )
 from .errors import UserError
 from .logs import progress
-from .models import family
+from .models import facts, family
 from .video import (
     DEFAULT_FPS,
     VideoError,
     VideoInfo,
-    frames_to_vae_input,
     probe_video,
-    read_clip,
     start_index,
-    write_video,
 )
 
 # Bump when the way frames are picked or resized changes: every latent key changes with it.
@@ -88,20 +81,28 @@ log = logging.getLogger("ltxv_tuner.preprocess")
 # Settings and keys
 
 
-def _device_dtype() -> tuple[str, torch.dtype]:
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    return "cpu", torch.float32
+COMPUTE_DTYPE = {"cuda": "bf16", "cpu": "fp32"}  # what the encoders run in (and so a cache-key setting)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+def _device() -> str:
+    """ "cuda" when torch sees a GPU, else "cpu". A CPU-only build of torch (its version.py says `cuda = None` and
+    `hip = None`) is known to be "cpu" without importing torch, which a run that finds its cache complete never does."""
+    spec = importlib.util.find_spec("torch")
+    try:
+        text = (Path(spec.origin).parent / "version.py").read_text(encoding="utf-8")
+    except (AttributeError, TypeError, OSError):
+        text = ""
+    if all(re.search(rf"^{name}\b[^=\n]*=\s*None\s*$", text, re.MULTILINE) for name in ("cuda", "hip")):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _settings(cfg, dtype: torch.dtype) -> dict:
+def _settings(cfg, device: str) -> dict:
     """Everything that decides the cache keys; its hash names the manifest. JSON-native (compared after a reload)."""
     ds, pp = cfg.dataset, cfg.dataset.preprocessing
-    ident = family(cfg.model).model_identity(cfg.model)
+    ident = facts(cfg.model).model_identity(cfg.model)
     return (
         {
             "buckets": [list(map(int, b)) for b in ds.resolution_buckets],
@@ -112,7 +113,7 @@ def _settings(cfg, dtype: torch.dtype) -> dict:
             "frame_policy": FRAME_POLICY,
             "vae": str(ident["vae"]),
             "text_encoder": str(ident["text_encoder"]),
-            "dtype": _dtype_name(dtype),
+            "dtype": COMPUTE_DTYPE[device],
             "vae_tiling": pp.vae_tiling,
             "vae_posterior": pp.vae_posterior,
         }
@@ -124,7 +125,7 @@ def _settings(cfg, dtype: torch.dtype) -> dict:
 def _audio_settings(cfg, ident: dict) -> dict:
     """Audio latents (LTX-2 with training.audio auto/on) are part of each latent file; a video-only cache's settings
     (every LTXV cache) stay as they were."""
-    mode = family(cfg.model).audio_mode(cfg)
+    mode = facts(cfg.model).audio_mode(cfg)
     return {} if mode == "off" else {"audio": str(ident["audio_vae"]), "audio_mode": mode}
 
 
@@ -153,12 +154,6 @@ def _latent_key(settings: dict, sha256: str, bucket: list[int], start: int) -> s
             **({"audio": settings["audio"], "audio_mode": settings["audio_mode"]} if "audio" in settings else {}),
         }
     )
-
-
-def _posterior_seed(latent_key: str) -> int:
-    """The seed of a clip's posterior draw: from its cache key, so encoding it again gives the same latents (and
-    the file stays exactly what its key says)."""
-    return int(latent_key[:15], 16)
 
 
 def _condition_key(settings: dict, caption: str) -> str:
@@ -461,219 +456,10 @@ def _needed(paths: dict[str, Path], ok: Callable[[str, Path], bool], report: _Re
 
 
 # --------------------------------------------------------------------------------------------------
-# Encoding
+# Manifest, fast path, prune, report
 
 
-# A model below this size is left to reference counting (and Python's own collector) on the CPU: a full collection
-# costs ~0.3 s with torch + transformers loaded, 10 % of a 50-clip tiny-model run, and frees next to nothing.
-COLLECT_MIN_PARAMS = 100_000_000
-WRITE_AHEAD = 4  # latent files queued for the background writer before encoding waits for it
-
-
-def _param_count(*models) -> int:
-    return sum(p.numel() for m in models if isinstance(m, torch.nn.Module) for p in m.parameters())
-
-
-def _release_memory(params: int) -> None:
-    """After the caller dropped its references to models of `params` weights: collect them now and hand GPU memory
-    back (on a GPU always; on the CPU when they were big enough for a collection to matter)."""
-    if not torch.cuda.is_available() and params < COLLECT_MIN_PARAMS:
-        return
-    from diffusers.training_utils import free_memory
-
-    free_memory()
-
-
-@torch.inference_mode()
-def _encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, dtype: torch.dtype, report: _Report):
-    pp = cfg.dataset.preprocessing
-    max_len, batch_size = pp.max_text_length, pp.batch_size
-    fam = family(cfg.model)
-    t0 = time.perf_counter()
-    tokenizer, encoder = fam.load_text_encoder(cfg.model, dtype=dtype, device=device)
-    t1 = time.perf_counter()
-    report.seconds["text encoder load"] = t1 - t0
-    keys = list(captions)
-    with progress(total=len(keys), desc="captions", unit="caption") as bar:
-        for i in range(0, len(keys), batch_size):
-            batch = keys[i : i + batch_size]
-            texts = [captions[k] for k in batch]
-            embeds, masks = fam.encode_captions(tokenizer, encoder, texts, max_len, device, pp.caption_encoding)
-            for j, key in enumerate(batch):
-                full_len = fam.caption_token_count(tokenizer, texts[j])
-                if full_len > max_len:
-                    report.notes.append(
-                        Issue(texts[j][:40], f"caption truncated from {full_len} to {max_len} tokens (max_text_length)")
-                    )
-                save_tensors_atomic(
-                    condition_path(root, key),
-                    {"prompt_embeds": embeds[j].float(), "prompt_attention_mask": masks[j].long()},
-                    metadata={"caption": texts[j][:2000], "format_version": str(CACHE_FORMAT_VERSION)},
-                )
-                report.conditions_encoded += 1
-            bar.update(len(batch))
-    report.seconds["captions"] = time.perf_counter() - t1
-    params = _param_count(encoder)
-    del tokenizer, encoder
-    _release_memory(params)
-
-
-def decode_workers(setting: int | None) -> int:
-    """dataset.preprocessing.num_workers, null = half the cores (1 to 4): on 2 cores one decode thread took the
-    encoding stage from 61 % to 81 % of its encode-only limit, a second one added nothing (benchmarks/preprocess.py)."""
-    if setting is not None:
-        return setting
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
-
-
-def _in_order(items: list, fn: Callable, workers: int) -> Iterator[tuple]:
-    """(item, fn(item) or the VideoError) in order; with workers > 0 up to 2*workers items decode ahead in threads."""
-
-    def call(item):
-        try:
-            return fn(item)
-        except VideoError as e:
-            return e
-
-    if workers <= 0:
-        for item in items:
-            yield item, call(item)
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending = []
-        it = iter(items)
-        for item in it:
-            pending.append((item, pool.submit(call, item)))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            item, fut = pending.pop(0)
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(call, nxt)))
-            yield item, fut.result()
-
-
-class _Writer:
-    """Cache files written (and fsynced) on one background thread while the next clip encodes, at most
-    WRITE_AHEAD behind. A failed write (disk full, permission) is raised by the next put() or on leaving the block;
-    leaving waits for every write, so each file put is complete on disk, or absent, afterwards."""
-
-    def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-write")
-        self._pending: list = []
-
-    def put(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-        while len(self._pending) >= WRITE_AHEAD:
-            self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(save_tensors_atomic, path, tensors, metadata))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            while self._pending:
-                self._pending.pop(0).result()  # a failed write raises here (after the others finished)
-        finally:
-            self._pool.shutdown(wait=True)
-
-
-class _AudioEncoder:
-    """LTX-2: each clip's own audio track over the frames' time span -> log-mel -> audio VAE latents. A clip without
-    an audio track (or with one that cannot be decoded) trains video-only, reported; with training.audio: on it is
-    a reported skip instead."""
-
-    def __init__(self, cfg, fam, device, dtype, report: _Report):
-        self.fam, self.device, self.dtype, self.report = fam, device, dtype, report
-        self.required = fam.audio_mode(cfg) == "on"
-        self.posterior = cfg.dataset.preprocessing.vae_posterior
-        self.vae = fam.load_audio_vae(cfg.model, dtype=dtype, device=device)
-
-    def read(self, item: _Item, fps: float):
-        """The clip's log-mel (None: video-only). In a decode thread."""
-        mel, why = self.fam.clip_audio(item.src.video, item.start, item.bucket[2], fps)
-        if mel is None:
-            if self.required:
-                raise VideoError(
-                    f"{why} (training.audio: on needs audio in every clip; use auto to train it video-only)"
-                )
-            log.debug("%s: %s", item.src.rel, why)
-        return mel
-
-    def encode(self, item: _Item, mel: torch.Tensor, fps: float) -> torch.Tensor:
-        frames = self.fam.audio_latent_frames(item.bucket[2], fps)
-        mel = mel[None].to(device=self.device, dtype=self.dtype)
-        latents = self.fam.encode_audio(self.vae, mel, frames, self.posterior, [_posterior_seed(item.latent_key) + 1])
-        return latents[0].float()
-
-
-@torch.inference_mode()
-def _encode_latents(
-    cfg, root: Path, todo: list[_Item], device: str, dtype: torch.dtype, report: _Report, on_bad: Callable
-) -> dict[str, float]:
-    """Encode one latent per item (items share no key). Returns fps per latent key; bad videos go to on_bad."""
-    pp = cfg.dataset.preprocessing
-    fam = family(cfg.model)
-    t0 = time.perf_counter()
-    vae = fam.load_vae(cfg.model, dtype=dtype, device=device)
-    if pp.vae_tiling:
-        vae.enable_tiling()
-    fps_by_key: dict[str, float] = {}
-    # Same-bucket batches; items keep folder order inside a bucket.
-    by_bucket: dict[tuple, list[_Item]] = {}
-    for item in todo:
-        by_bucket.setdefault(tuple(item.bucket), []).append(item)
-    ordered = [item for group in by_bucket.values() for item in group]
-
-    audio = _AudioEncoder(cfg, fam, device, dtype, report) if fam.audio_mode(cfg) != "off" else None
-    t1 = time.perf_counter()
-    report.seconds["VAE load"] = t1 - t0
-
-    def decode(item: _Item):  # in a worker thread when num_workers > 0: decoding overlaps the VAE
-        w, h, f = item.bucket
-        frames, fps = read_clip(item.src.video, w, h, f, item.start)
-        mel = audio.read(item, fps) if audio is not None and not item.src.rel.startswith(REFERENCE_PREFIX) else None
-        return frames_to_vae_input(frames), fps, mel
-
-    def flush(batch: list[tuple[_Item, torch.Tensor, float, object]]):
-        x = torch.stack([pixels for _, pixels, _, _ in batch]).to(device=device, dtype=dtype)
-        seeds = [_posterior_seed(item.latent_key) for item, _, _, _ in batch]
-        latents = fam.encode_video(vae, x, pp.vae_posterior, seeds)
-        for (item, _, fps, mel), lat in zip(batch, latents, strict=True):
-            tensors = {"latents": lat.float()}  # float32 on disk whatever the compute dtype: one contract for readers
-            if mel is not None:
-                tensors["audio_latents"] = audio.encode(item, mel, fps)
-            metadata = {"fps": repr(fps), "video": item.src.rel, "format_version": str(CACHE_FORMAT_VERSION)}
-            writer.put(latent_path(root, item.latent_key), tensors, metadata)
-            fps_by_key[item.latent_key] = fps
-            report.latents_encoded += 1
-
-    batch: list = []
-    with progress(total=len(ordered), desc="VAE latents", unit="clip") as bar, _Writer() as writer:
-        for item, result in _in_order(ordered, decode, decode_workers(pp.num_workers)):
-            if isinstance(result, VideoError):
-                on_bad(item, str(result))
-            else:
-                if batch and batch[0][0].bucket != item.bucket:
-                    flush(batch)
-                    batch = []
-                batch.append((item, *result))
-                if len(batch) >= pp.batch_size:
-                    flush(batch)
-                    batch = []
-            bar.update(1)
-        if batch:
-            flush(batch)
-    report.seconds["latents"] = time.perf_counter() - t1  # the encoding stage: decode, encode, write (overlapped)
-    params = _param_count(vae, audio.vae if audio is not None else None)
-    vae = audio = None  # the flush closure holds the names; dropping the references is what frees them
-    _release_memory(params)
-    return fps_by_key
-
-
-def _read_decoded_index(root: Path) -> dict[str, str]:
+def read_decoded_index(root: Path) -> dict[str, str]:
     try:
         index = json.loads(decoded_index_path(root).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -682,48 +468,11 @@ def _read_decoded_index(root: Path) -> dict[str, str]:
 
 
 def _previews_current(root: Path, clips: list[CachedClip]) -> bool:
-    index = _read_decoded_index(root)
+    index = read_decoded_index(root)
     return all(
         index.get(decoded_name(c.video, c.bucket)) == c.latent_key and decoded_path(root, c.video, c.bucket).is_file()
         for c in clips
     )
-
-
-@torch.inference_mode()
-def _decode_previews(cfg, root: Path, clips: list[CachedClip], device: str, dtype: torch.dtype, report: _Report):
-    """One mp4 per clip, `<clip>_<W>x<H>x<F>.mp4`, decoded back from its cached latents. decoded/ shows the clips
-    as the latest run that asked for previews trains on them: other previews (an old bucket, a removed clip) go."""
-    index = _read_decoded_index(root)
-    wanted = {decoded_name(c.video, c.bucket): c for c in clips}
-    todo = {
-        name: c
-        for name, c in wanted.items()
-        if index.get(name) != c.latent_key or not (decoded_dir(root) / name).is_file()
-    }
-    if todo:
-        fam = family(cfg.model)
-        vae = fam.load_vae(cfg.model, dtype=dtype, device=device)
-        if cfg.dataset.preprocessing.vae_tiling:
-            vae.enable_tiling()
-        for name, clip in progress(todo.items(), desc="decode previews", unit="clip"):
-            latents = load_tensors(latent_path(root, clip.latent_key))["latents"][None].to(device, dtype)
-            out = decoded_dir(root) / name
-            tmp = out.with_name(f".{out.stem}.part.mp4")  # written aside and renamed: never a half mp4
-            write_video(tmp, fam.decode_latents(vae, latents), clip.fps)
-            tmp.replace(out)
-            report.decoded += 1
-        params = _param_count(vae)
-        del vae
-        _release_memory(params)
-    for p in decoded_dir(root).iterdir():
-        if p.is_file() and p.suffix == ".mp4" and not p.name.startswith(".") and p.name not in wanted:
-            p.unlink()
-            report.previews_removed += 1
-    write_json_atomic(decoded_index_path(root), {name: c.latent_key for name, c in wanted.items()})
-
-
-# --------------------------------------------------------------------------------------------------
-# Manifest, fast path, prune, report
 
 
 def _tensor_files(root: Path, clip: CachedClip) -> list[Path]:
@@ -918,7 +667,9 @@ def _missing_conditions(cfg, root: Path, items: list[_Item], device, dtype, repo
     report.conditions_reused = len(cond_paths) - len(cond_todo)
     if cond_todo:
         captions = {it.condition_key: it.caption for it in items}
-        _encode_conditions(cfg, root, {k: captions[k] for k in cond_todo}, device, dtype, report)
+        from . import encode
+
+        encode.encode_conditions(cfg, root, {k: captions[k] for k in cond_todo}, device, dtype, report)
 
 
 def _missing_latents(cfg, root, items: list[_Item], index: _SourceIndex, device, dtype, report: _Report, sums):
@@ -942,7 +693,9 @@ def _missing_latents(cfg, root, items: list[_Item], index: _SourceIndex, device,
             if other.latent_key == item.latent_key:
                 index.mark_bad(other.src.rel, item.latent_key, reason)
 
-    fps_by_key = _encode_latents(cfg, root, [first_by_latent[k] for k in lat_todo], device, dtype, report, on_bad)
+    from . import encode
+
+    fps_by_key = encode.encode_latents(cfg, root, [first_by_latent[k] for k in lat_todo], device, dtype, report, on_bad)
     index.save()
     return bad_reasons, fps_by_key
 
@@ -976,22 +729,39 @@ def _cached_clips(root: Path, items: list[_Item], bad_reasons: dict, fps_by_key:
     return clips
 
 
-def run_preprocess(cfg) -> Path:
-    """Encode what is missing for the current config; return the manifest path. Prints what it did."""
-    t0 = time.perf_counter()
+def _request(cfg) -> tuple[Path, Path, str, dict, Path, dict]:
+    """(data folder, cache root, device, settings, manifest path, source snapshot) of this config, model-free."""
     folder = _data_folder(cfg)
     root = cache_root(folder)
-    device, dtype = _device_dtype()
-    settings = _jsonable(_settings(cfg, dtype))
-    mpath = manifest_path(root, hash_key(settings))
-    pp = cfg.dataset.preprocessing
+    device = _device()
+    settings = _jsonable(_settings(cfg, device))
     scan_files = scan_folder(folder).files
     if not scan_files:
         raise _no_clip_error(folder, [])
-    sources = _sources(folder, settings, scan_files)
-    if _reuse(cfg, mpath, root, settings, sources, t0):
+    mpath = manifest_path(root, hash_key(settings))
+    return folder, root, device, settings, mpath, _sources(folder, settings, scan_files)
+
+
+def reuse_cache(cfg) -> Path | None:
+    """The manifest, reported, when this config's cache is complete and nothing it depends on changed; else None.
+    Loads no model and imports neither diffusers nor transformers (nor torch, when torch is a CPU-only build)."""
+    t0 = time.perf_counter()
+    _, root, _, settings, mpath, sources = _request(cfg)
+    return mpath if _reuse(cfg, mpath, root, settings, sources, t0) else None
+
+
+def run_preprocess(cfg, reuse_checked: bool = False) -> Path:
+    """Encode what is missing for the current config; return the manifest path. Prints what it did.
+    `reuse_checked`: the caller's reuse_cache() just found the cache incomplete (its files are not read again)."""
+    t0 = time.perf_counter()
+    folder, root, device, settings, mpath, sources = _request(cfg)
+    pp = cfg.dataset.preprocessing
+    if not reuse_checked and _reuse(cfg, mpath, root, settings, sources, t0):
         return mpath
 
+    from . import encode  # torch and the model code: only when something needs encoding
+
+    dtype = encode.TORCH_DTYPES[settings["dtype"]]
     _check_cache_writable(root, folder)
     remove_stale_temp_files(root)
     report = _Report()
@@ -1015,7 +785,7 @@ def run_preprocess(cfg) -> Path:
     if not clips:
         raise _no_clip_error(folder, report.skipped)
     if pp.decode_videos:
-        _decode_previews(cfg, root, clips, device, dtype, report)
+        encode.decode_previews(cfg, root, clips, device, dtype, report)
 
     manifest = Manifest(
         settings=settings,
@@ -1037,8 +807,7 @@ def find_manifest(cfg) -> Path:
     """The manifest for the current settings (for `--only train`); UserError when preprocessing has not run."""
     folder = _data_folder(cfg)
     root = cache_root(folder)
-    _, dtype = _device_dtype()
-    settings = _jsonable(_settings(cfg, dtype))
+    settings = _jsonable(_settings(cfg, _device()))
     mpath = manifest_path(root, hash_key(settings))
     if not mpath.is_file():
         raise UserError(

@@ -10,14 +10,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
-import torch
 from av.video.reformatter import VideoReformatter
 
+if TYPE_CHECKING:
+    import torch
+
 FRAME_THREADING_MIN_PIXELS = 512 * 384 * 49
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 DEFAULT_FPS = 24.0
 
 
@@ -192,6 +194,8 @@ def read_clip(path: str | Path, width: int, height: int, num_frames: int, start:
         if len(frames) < num_frames:
             raise VideoError(f"only {max(index + 1, 0)} frames decodable, {start + num_frames} needed (truncated?)")
         fps = _fps_from_times(times, _stream_rate(stream)) if len(times) == len(frames) else _stream_rate(stream)
+        import torch  # on first use: scanning and probing a folder need no torch
+
         return torch.from_numpy(np.stack(frames)), round(fps, 4)
     finally:
         container.close()
@@ -200,7 +204,7 @@ def read_clip(path: str | Path, width: int, height: int, num_frames: int, start:
 def frames_to_vae_input(frames: torch.Tensor) -> torch.Tensor:
     """uint8 [F, H, W, 3] -> float [3, F, H, W] in [-1, 1] (the LTXV VAE's input range). One allocation and
     in-place arithmetic: the same values as .float().div(127.5).sub(1.0), several times faster on large clips."""
-    return frames.permute(3, 0, 1, 2).to(torch.float32).div_(127.5).sub_(1.0)
+    return frames.permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def write_video(
@@ -220,7 +224,7 @@ def write_video(
     path = Path(path)
     samples = None if audio is None else _audio_samples(audio)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    arr = frames.numpy() if hasattr(frames, "numpy") else np.asarray(frames)  # a torch tensor or an array
     h, w = arr.shape[1:3]
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
@@ -247,7 +251,7 @@ def write_video(
 
 
 def _audio_samples(audio: torch.Tensor | np.ndarray) -> np.ndarray:
-    arr = audio.detach().cpu().float().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio, np.float32)
+    arr = audio.detach().cpu().float().numpy() if hasattr(audio, "detach") else np.asarray(audio, np.float32)
     if arr.ndim != 2 or arr.shape[0] not in (1, 2) or arr.shape[1] == 0:
         raise ValueError(f"audio must be a float waveform [C, N] with C = 1 or 2, got shape {arr.shape}")
     return np.ascontiguousarray(np.clip(arr, -1.0, 1.0), dtype=np.float32)

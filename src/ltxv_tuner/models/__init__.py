@@ -12,11 +12,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from types import ModuleType
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from .sources import ModelSource, named_versions, resolve
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelFamily(Protocol):
@@ -31,9 +32,9 @@ class ModelFamily(Protocol):
     LOW_VRAM_CONFIG: str  # the shipped preset for small GPUs
 
     # weights: each component from any source the family supports
-    def load_transformer(self, model_cfg, dtype=torch.float32, device="cpu"): ...
-    def load_vae(self, model_cfg, dtype=torch.float32, device="cpu"): ...
-    def load_text_encoder(self, model_cfg, dtype=torch.float32, device="cpu"): ...
+    def load_transformer(self, model_cfg, dtype=None, device="cpu"): ...
+    def load_vae(self, model_cfg, dtype=None, device="cpu"): ...
+    def load_text_encoder(self, model_cfg, dtype=None, device="cpu"): ...
     def load_scheduler(self, model_cfg): ...
     # settings this family cannot honour, refused before any work
     def check_config(self, cfg) -> None: ...
@@ -68,6 +69,12 @@ class ModelFamily(Protocol):
 def family(model_cfg) -> ModuleType:
     """The family module of `model.model_source` (resolved once per config)."""
     return importlib.import_module(f"{__name__}.{model_cfg.source.family}")
+
+
+def facts(model_cfg) -> ModuleType:
+    """The family's torch-free facts (`models/<family>_facts.py`: `model_identity`, `audio_mode`), which the family
+    module re-exports: what a preprocessing run with nothing to encode asks without loading torch."""
+    return importlib.import_module(f"{__name__}.{model_cfg.source.family}_facts")
 
 
 # Every family, first the default one (a file whose names fit several is taken as the first's).

@@ -20,6 +20,7 @@ import math
 import torch
 
 from . import ltx2_load
+from .ltx2_facts import audio_mode  # noqa: F401  (re-exported: the family's facts)
 from .ltx2_load import (  # noqa: F401  (the family's loaders, re-exported for `models.family`)
     architecture,
     base_checkpoint_metadata,
@@ -223,11 +224,6 @@ def check_config(cfg) -> None:
             f"dataset.preprocessing.max_text_length: {max_len} is not a multiple of the text connectors' "
             f"{registers} registers; use 1024 (what LTX-2's pipelines pad prompts to)"
         )
-
-
-def audio_mode(cfg) -> str:
-    """training.audio: auto (audio where the clip has it), on (every clip), off (video only)."""
-    return cfg.training.audio
 
 
 def clip_audio(path, start_frame: int, num_frames: int, fps: float):

@@ -24,21 +24,20 @@ import torch
 
 from ..errors import UserError
 from . import hub, ltx2_keys, ltx2_tiny
+from .ltx2_facts import GEMMA3_REPO, model_identity  # noqa: F401  (re-exported: the family's facts)
+from .ltx2_facts import GEMMA_FIX as _GEMMA_FIX
+from .ltx2_facts import gemma_repo as _gemma_repo
+from .ltx2_facts import text_encoder_source as _text_encoder_source
 from .single_file import Header, build_from_state, is_aux_key, lora_like, match, read_header, read_tensors
 from .sources import (
-    HF_REVISION,
     MODEL_CONFIGS,
-    file_identity,
-    folder_identity,
     folder_scheduler,
-    missing_path_error,
     text_encoder_dirs,
     versions,
 )
 
 KEY = "model.model_source"
 CONFIG_DIRS = ("ltx2-19b", "ltx2.3-22b", "ltx2.5-22b")  # shipped diffusers configs: 2.0, 2.3, 2.5
-GEMMA3_REPO = "google/gemma-3-12b-it-qat-q4_0-unquantized"  # the text encoder of 2.0 and 2.3
 GEMMA3_WIDTH = 3840
 GEMMA_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 WHAT = {
@@ -297,37 +296,6 @@ def load_vocoder(model_cfg, dtype=torch.float32, device="cpu"):
 # --------------------------------------------------------------------------------------------------
 # Text encoder (Gemma) and scheduler
 
-_GEMMA_FIX = "set model.text_encoder to a local Gemma folder (config.json, weights and tokenizer files)"
-
-
-def _text_encoder_source(model_cfg) -> tuple[str, Path | None]:
-    """('tiny', None) | ('local', folder) | ('hf', None) - where the Gemma comes from."""
-    if model_cfg.text_encoder:
-        path = Path(model_cfg.text_encoder).expanduser()
-        if not path.exists():
-            raise missing_path_error("model.text_encoder", path, "a local Gemma folder")
-        return "local", path.resolve()
-    src = model_cfg.source
-    if src.kind == "tiny":
-        return "tiny", None
-    if src.kind == "diffusers" and (src.path / "text_encoder" / "config.json").is_file():
-        return "local", src.path
-    return "hf", None
-
-
-def _gemma_repo(model_cfg) -> str:
-    src = model_cfg.source
-    if src.kind != "named":
-        return GEMMA3_REPO
-    entry = versions()[src.version]
-    if "text_encoder_repo" not in entry:
-        raise UserError(
-            f"model.text_encoder: {src.version} encodes prompts with its own Gemma 4 ({entry['files']['text_encoder']} "
-            f"in {src.repo}), which is not loaded from that single file; {_GEMMA_FIX}, e.g. the text_encoder/ + "
-            "tokenizer/ of Lightricks/LTX-2.5-Diffusers"
-        )
-    return entry["text_encoder_repo"]
-
 
 def _load_tokenizer(folder: Path, key: str):
     """Gemma's tokenizer, left padding. A word-level tokenizer.json (the tiny model's, saved) is read verbatim:
@@ -374,38 +342,6 @@ def load_scheduler(model_cfg):
 
 # --------------------------------------------------------------------------------------------------
 # Identities (cache keys), the transformer config, metadata
-
-
-def _component_identity(src, component: str) -> str:
-    if src.kind == "diffusers":
-        return folder_identity(src.path / component)
-    if src.kind == "single_file":
-        return f"{file_identity(src.path)}#{component}"
-    files = versions()[src.version].get("files") or {}
-    return f"hf:{src.repo}/{files.get(component, src.filename)}@{src.revision}#{component}"
-
-
-def _text_encoder_identity(model_cfg) -> str:
-    kind, folder = _text_encoder_source(model_cfg)
-    if kind == "local":
-        return folder_identity(folder)
-    return f"hf:{_gemma_repo(model_cfg)}@{HF_REVISION}"
-
-
-def model_identity(model_cfg) -> dict:
-    """What the cached files depend on, per component (cache keys; no weights read, nothing downloaded). Text
-    features are cached after the aggregate projection, so the text encoder's identity includes the connectors'."""
-    src = model_cfg.source
-    if src.kind == "tiny":
-        ident = ltx2_tiny.TINY_IDENTITY
-        return {"transformer": ident, "vae": ident, "audio_vae": ident, "text_encoder": ident}
-    projection = _component_identity(src, "connectors")
-    return {
-        "transformer": _component_identity(src, "transformer"),
-        "vae": _component_identity(src, "vae"),
-        "audio_vae": _component_identity(src, "audio_vae"),
-        "text_encoder": f"{_text_encoder_identity(model_cfg)}+{projection}",
-    }
 
 
 def architecture(model_cfg) -> dict:

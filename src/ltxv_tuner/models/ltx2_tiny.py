@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-TINY_IDENTITY = "tiny-ltx2-v1"
 TINY_SEED = 2026
 GEMMA_HIDDEN = 32  # the tiny Gemma's hidden size (= connectors' caption_channels)
 GEMMA_LAYERS = 2  # -> 3 hidden states stacked (embeddings + each layer)

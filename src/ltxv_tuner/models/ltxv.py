@@ -31,6 +31,9 @@ import torch
 
 from ..errors import UserError
 from . import hub, ltxv_tiny
+from .ltxv_facts import HF_REPO, audio_mode, model_identity  # noqa: F401  (re-exported: the family's facts)
+from .ltxv_facts import local_override as _local_override
+from .ltxv_facts import text_encoder_source as _text_encoder_source
 from .ltxv_keys import (
     LIGHTRICKS_TRANSFORMER_FIELDS,
     ORIGINAL_TRANSFORMER_PREFIX,
@@ -39,21 +42,15 @@ from .ltxv_keys import (
 )
 from .single_file import Header, build_from_state, is_aux_key, lora_like, match, read_header, read_tensors
 from .sources import (
-    HF_REVISION,
     MODEL_CONFIGS,
     ModelSource,
-    file_identity,
-    folder_identity,
     folder_scheduler,
     lookup_version,
-    missing_path_error,
     named_versions,
-    path_identity,
     text_encoder_dirs,
 )
 from .sources import versions as _versions
 
-HF_REPO = "Lightricks/LTX-Video"
 # Where the default T5 text encoder + tokenizer come from (diffusers layout subfolders of the LTXV repo).
 TEXT_ENCODER_PATTERNS = ["text_encoder/*", "tokenizer/*"]
 
@@ -298,13 +295,6 @@ def _load_vae_path(path: Path, dtype, device, key: str, config_dir: Path | None 
     return _load_single_file_vae(path, config_dir, dtype, device, key)
 
 
-def _local_override(value: str, key: str, what: str) -> Path:
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise missing_path_error(key, path, what)
-    return path.resolve()
-
-
 def load_vae(model_cfg, dtype=torch.float32, device="cpu"):
     if model_cfg.vae:
         path = _local_override(model_cfg.vae, "model.vae", "a VAE .safetensors file or a diffusers VAE folder")
@@ -316,20 +306,6 @@ def load_vae(model_cfg, dtype=torch.float32, device="cpu"):
         key = "model.model_source"
         return _load_vae_path(_diffusers_sub(src.path, "vae", key), dtype, device, key)
     return _load_single_file_vae(_single_file_path(src), src.config_dir, dtype, device)
-
-
-def _text_encoder_source(model_cfg) -> tuple[str, Path | None]:
-    """('tiny', None) | ('local', folder) | ('hf', None) - where the T5 comes from."""
-    if model_cfg.text_encoder:
-        return "local", _local_override(
-            model_cfg.text_encoder, "model.text_encoder", "a T5 folder (text_encoder/ + tokenizer/)"
-        )
-    src = model_cfg.source
-    if src.kind == "tiny":
-        return "tiny", None
-    if src.kind == "diffusers" and (src.path / "text_encoder" / "config.json").is_file():
-        return "local", src.path
-    return "hf", None
 
 
 def load_text_encoder(model_cfg, dtype=torch.float32, device="cpu"):
@@ -362,42 +338,6 @@ def load_scheduler(model_cfg):
 
 # --------------------------------------------------------------------------------------------------
 # Identities (cache keys) and metadata
-
-
-def _hf_identity(src: ModelSource) -> str:
-    return f"hf:{src.repo}/{src.filename}@{src.revision}"
-
-
-def model_identity(model_cfg) -> dict:
-    """Cheap identities of the three components (no weights read, nothing downloaded); used in cache keys."""
-    src = model_cfg.source
-    if src.kind == "tiny":
-        ident = {
-            "transformer": ltxv_tiny.TINY_IDENTITY,
-            "vae": ltxv_tiny.TINY_IDENTITY,
-            "text_encoder": ltxv_tiny.TINY_IDENTITY,
-        }
-    elif src.kind == "named":
-        ident = {"transformer": _hf_identity(src), "vae": _hf_identity(src) + "#vae"}
-        ident["text_encoder"] = f"hf:{HF_REPO}/text_encoder+tokenizer@{HF_REVISION}"
-    elif src.kind == "single_file":
-        ident = {"transformer": file_identity(src.path), "vae": file_identity(src.path) + "#vae"}
-        ident["text_encoder"] = f"hf:{HF_REPO}/text_encoder+tokenizer@{HF_REVISION}"
-    else:
-        ident = {"transformer": folder_identity(src.path / "transformer"), "vae": folder_identity(src.path / "vae")}
-        kind, folder = _text_encoder_source(model_cfg)
-        ident["text_encoder"] = (
-            f"{folder_identity(folder / 'text_encoder')}+{folder_identity(folder / 'tokenizer')}"
-            if kind == "local" and not model_cfg.text_encoder
-            else f"hf:{HF_REPO}/text_encoder+tokenizer@{HF_REVISION}"
-        )
-    if model_cfg.vae:
-        ident["vae"] = path_identity(_local_override(model_cfg.vae, "model.vae", "a VAE file or folder"))
-    if model_cfg.text_encoder:
-        ident["text_encoder"] = folder_identity(
-            _local_override(model_cfg.text_encoder, "model.text_encoder", "a T5 folder")
-        )
-    return ident
 
 
 def base_checkpoint_metadata(model_cfg) -> dict | None:
@@ -612,16 +552,6 @@ def check_config(cfg) -> None:
             "LTX-Video 0.9.x model, whose IC-LoRAs take the reference at the clip's own size (its reference tokens "
             "sit on the clip's grid); use 1, or an LTX-2 model"
         )
-
-
-def audio_mode(cfg) -> str:
-    """LTX-Video 0.9.x has no audio stream: always "off" (training.audio: on is refused)."""
-    if cfg.training.audio == "on":
-        raise UserError(
-            f"training.audio: on: {cfg.model.model_source} is an LTX-Video 0.9.x model, which has no audio; "
-            "use training.audio: auto (or off), or an LTX-2 model"
-        )
-    return "off"
 
 
 def training_losses(transformer, batch: dict, generator: torch.Generator, cfg, strategy) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ import json
 
 import torch
 
-TINY_IDENTITY = "tiny-v2"  # v2: token ids no longer depend on the process
 TINY_SEED = 1234
 TINY_TEXT_DIM = 32
 

@@ -1,0 +1,290 @@
+"""Stage 1's encoders: the models on the device turn what `preprocess` planned into cache files - T5 / Gemma
+text features, VAE latents (decoded on background threads while the VAE encodes, written on another), audio
+latents (LTX-2), and previews decoded back from the latents. Torch and the model code load only here: a run whose
+cache is complete never imports this module."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .cache import (
+    CACHE_FORMAT_VERSION,
+    CachedClip,
+    condition_path,
+    decoded_dir,
+    decoded_index_path,
+    decoded_name,
+    latent_path,
+    load_tensors,
+    save_tensors_atomic,
+    write_json_atomic,
+)
+from .data import REFERENCE_PREFIX, Issue
+from .logs import progress
+from .models import family
+from .video import VideoError, frames_to_vae_input, read_clip, write_video
+
+if TYPE_CHECKING:
+    from .preprocess import _Item, _Report
+
+log = logging.getLogger("ltxv_tuner.preprocess")
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # preprocess.COMPUTE_DTYPE's names
+
+
+def posterior_seed(latent_key: str) -> int:
+    """The seed of a clip's posterior draw: from its cache key, so encoding it again gives the same latents (and
+    the file stays exactly what its key says)."""
+    return int(latent_key[:15], 16)
+
+
+# A model below this size is left to reference counting (and Python's own collector) on the CPU: a full collection
+# costs ~0.3 s with torch + transformers loaded, 10 % of a 50-clip tiny-model run, and frees next to nothing.
+COLLECT_MIN_PARAMS = 100_000_000
+WRITE_AHEAD = 4  # latent files queued for the background writer before encoding waits for it
+
+
+def _param_count(*models) -> int:
+    return sum(p.numel() for m in models if isinstance(m, torch.nn.Module) for p in m.parameters())
+
+
+def _release_memory(params: int) -> None:
+    """After the caller dropped its references to models of `params` weights: collect them now and hand GPU memory
+    back (on a GPU always; on the CPU when they were big enough for a collection to matter)."""
+    if not torch.cuda.is_available() and params < COLLECT_MIN_PARAMS:
+        return
+    from diffusers.training_utils import free_memory
+
+    free_memory()
+
+
+@torch.inference_mode()
+def encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, dtype: torch.dtype, report: _Report):
+    pp = cfg.dataset.preprocessing
+    max_len, batch_size = pp.max_text_length, pp.batch_size
+    fam = family(cfg.model)
+    t0 = time.perf_counter()
+    tokenizer, encoder = fam.load_text_encoder(cfg.model, dtype=dtype, device=device)
+    t1 = time.perf_counter()
+    report.seconds["text encoder load"] = t1 - t0
+    keys = list(captions)
+    with progress(total=len(keys), desc="captions", unit="caption") as bar:
+        for i in range(0, len(keys), batch_size):
+            batch = keys[i : i + batch_size]
+            texts = [captions[k] for k in batch]
+            embeds, masks = fam.encode_captions(tokenizer, encoder, texts, max_len, device, pp.caption_encoding)
+            for j, key in enumerate(batch):
+                full_len = fam.caption_token_count(tokenizer, texts[j])
+                if full_len > max_len:
+                    report.notes.append(
+                        Issue(texts[j][:40], f"caption truncated from {full_len} to {max_len} tokens (max_text_length)")
+                    )
+                save_tensors_atomic(
+                    condition_path(root, key),
+                    {"prompt_embeds": embeds[j].float(), "prompt_attention_mask": masks[j].long()},
+                    metadata={"caption": texts[j][:2000], "format_version": str(CACHE_FORMAT_VERSION)},
+                )
+                report.conditions_encoded += 1
+            bar.update(len(batch))
+    report.seconds["captions"] = time.perf_counter() - t1
+    params = _param_count(encoder)
+    del tokenizer, encoder
+    _release_memory(params)
+
+
+def decode_workers(setting: int | None) -> int:
+    """dataset.preprocessing.num_workers, null = half the cores (1 to 4): on 2 cores one decode thread took the
+    encoding stage from 61 % to 81 % of its encode-only limit, a second one added nothing (benchmarks/preprocess.py)."""
+    if setting is not None:
+        return setting
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _in_order(items: list, fn: Callable, workers: int) -> Iterator[tuple]:
+    """(item, fn(item) or the VideoError) in order; with workers > 0 up to 2*workers items decode ahead in threads."""
+
+    def call(item):
+        try:
+            return fn(item)
+        except VideoError as e:
+            return e
+
+    if workers <= 0:
+        for item in items:
+            yield item, call(item)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending = []
+        it = iter(items)
+        for item in it:
+            pending.append((item, pool.submit(call, item)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            item, fut = pending.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(call, nxt)))
+            yield item, fut.result()
+
+
+class _Writer:
+    """Cache files written (and fsynced) on one background thread while the next clip encodes, at most
+    WRITE_AHEAD behind. A failed write (disk full, permission) is raised by the next put() or on leaving the block;
+    leaving waits for every write, so each file put is complete on disk, or absent, afterwards."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-write")
+        self._pending: list = []
+
+    def put(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+        while len(self._pending) >= WRITE_AHEAD:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(save_tensors_atomic, path, tensors, metadata))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            while self._pending:
+                self._pending.pop(0).result()  # a failed write raises here (after the others finished)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+class _AudioEncoder:
+    """LTX-2: each clip's own audio track over the frames' time span -> log-mel -> audio VAE latents. A clip without
+    an audio track (or with one that cannot be decoded) trains video-only, reported; with training.audio: on it is
+    a reported skip instead."""
+
+    def __init__(self, cfg, fam, device, dtype, report: _Report):
+        self.fam, self.device, self.dtype, self.report = fam, device, dtype, report
+        self.required = fam.audio_mode(cfg) == "on"
+        self.posterior = cfg.dataset.preprocessing.vae_posterior
+        self.vae = fam.load_audio_vae(cfg.model, dtype=dtype, device=device)
+
+    def read(self, item: _Item, fps: float):
+        """The clip's log-mel (None: video-only). In a decode thread."""
+        mel, why = self.fam.clip_audio(item.src.video, item.start, item.bucket[2], fps)
+        if mel is None:
+            if self.required:
+                raise VideoError(
+                    f"{why} (training.audio: on needs audio in every clip; use auto to train it video-only)"
+                )
+            log.debug("%s: %s", item.src.rel, why)
+        return mel
+
+    def encode(self, item: _Item, mel: torch.Tensor, fps: float) -> torch.Tensor:
+        frames = self.fam.audio_latent_frames(item.bucket[2], fps)
+        mel = mel[None].to(device=self.device, dtype=self.dtype)
+        latents = self.fam.encode_audio(self.vae, mel, frames, self.posterior, [posterior_seed(item.latent_key) + 1])
+        return latents[0].float()
+
+
+@torch.inference_mode()
+def encode_latents(
+    cfg, root: Path, todo: list[_Item], device: str, dtype: torch.dtype, report: _Report, on_bad: Callable
+) -> dict[str, float]:
+    """Encode one latent per item (items share no key). Returns fps per latent key; bad videos go to on_bad."""
+    pp = cfg.dataset.preprocessing
+    fam = family(cfg.model)
+    t0 = time.perf_counter()
+    vae = fam.load_vae(cfg.model, dtype=dtype, device=device)
+    if pp.vae_tiling:
+        vae.enable_tiling()
+    fps_by_key: dict[str, float] = {}
+    # Same-bucket batches; items keep folder order inside a bucket.
+    by_bucket: dict[tuple, list[_Item]] = {}
+    for item in todo:
+        by_bucket.setdefault(tuple(item.bucket), []).append(item)
+    ordered = [item for group in by_bucket.values() for item in group]
+
+    audio = _AudioEncoder(cfg, fam, device, dtype, report) if fam.audio_mode(cfg) != "off" else None
+    t1 = time.perf_counter()
+    report.seconds["VAE load"] = t1 - t0
+
+    def decode(item: _Item):  # in a worker thread when num_workers > 0: decoding overlaps the VAE
+        w, h, f = item.bucket
+        frames, fps = read_clip(item.src.video, w, h, f, item.start)
+        mel = audio.read(item, fps) if audio is not None and not item.src.rel.startswith(REFERENCE_PREFIX) else None
+        return frames_to_vae_input(frames), fps, mel
+
+    def flush(batch: list[tuple[_Item, torch.Tensor, float, object]]):
+        x = torch.stack([pixels for _, pixels, _, _ in batch]).to(device=device, dtype=dtype)
+        seeds = [posterior_seed(item.latent_key) for item, _, _, _ in batch]
+        latents = fam.encode_video(vae, x, pp.vae_posterior, seeds)
+        for (item, _, fps, mel), lat in zip(batch, latents, strict=True):
+            tensors = {"latents": lat.float()}  # float32 on disk whatever the compute dtype: one contract for readers
+            if mel is not None:
+                tensors["audio_latents"] = audio.encode(item, mel, fps)
+            metadata = {"fps": repr(fps), "video": item.src.rel, "format_version": str(CACHE_FORMAT_VERSION)}
+            writer.put(latent_path(root, item.latent_key), tensors, metadata)
+            fps_by_key[item.latent_key] = fps
+            report.latents_encoded += 1
+
+    batch: list = []
+    with progress(total=len(ordered), desc="VAE latents", unit="clip") as bar, _Writer() as writer:
+        for item, result in _in_order(ordered, decode, decode_workers(pp.num_workers)):
+            if isinstance(result, VideoError):
+                on_bad(item, str(result))
+            else:
+                if batch and batch[0][0].bucket != item.bucket:
+                    flush(batch)
+                    batch = []
+                batch.append((item, *result))
+                if len(batch) >= pp.batch_size:
+                    flush(batch)
+                    batch = []
+            bar.update(1)
+        if batch:
+            flush(batch)
+    report.seconds["latents"] = time.perf_counter() - t1  # the encoding stage: decode, encode, write (overlapped)
+    params = _param_count(vae, audio.vae if audio is not None else None)
+    vae = audio = None  # the flush closure holds the names; dropping the references is what frees them
+    _release_memory(params)
+    return fps_by_key
+
+
+@torch.inference_mode()
+def decode_previews(cfg, root: Path, clips: list[CachedClip], device: str, dtype: torch.dtype, report: _Report):
+    """One mp4 per clip, `<clip>_<W>x<H>x<F>.mp4`, decoded back from its cached latents. decoded/ shows the clips
+    as the latest run that asked for previews trains on them: other previews (an old bucket, a removed clip) go."""
+    from .preprocess import read_decoded_index
+
+    index = read_decoded_index(root)
+    wanted = {decoded_name(c.video, c.bucket): c for c in clips}
+    todo = {
+        name: c
+        for name, c in wanted.items()
+        if index.get(name) != c.latent_key or not (decoded_dir(root) / name).is_file()
+    }
+    if todo:
+        fam = family(cfg.model)
+        vae = fam.load_vae(cfg.model, dtype=dtype, device=device)
+        if cfg.dataset.preprocessing.vae_tiling:
+            vae.enable_tiling()
+        for name, clip in progress(todo.items(), desc="decode previews", unit="clip"):
+            latents = load_tensors(latent_path(root, clip.latent_key))["latents"][None].to(device, dtype)
+            out = decoded_dir(root) / name
+            tmp = out.with_name(f".{out.stem}.part.mp4")  # written aside and renamed: never a half mp4
+            write_video(tmp, fam.decode_latents(vae, latents), clip.fps)
+            tmp.replace(out)
+            report.decoded += 1
+        params = _param_count(vae)
+        del vae
+        _release_memory(params)
+    for p in decoded_dir(root).iterdir():
+        if p.is_file() and p.suffix == ".mp4" and not p.name.startswith(".") and p.name not in wanted:
+            p.unlink()
+            report.previews_removed += 1
+    write_json_atomic(decoded_index_path(root), {name: c.latent_key for name, c in wanted.items()})
