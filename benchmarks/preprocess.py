@@ -188,6 +188,35 @@ def main() -> None:
         config.write_text(yaml.safe_dump(raw_config(folder, w, h, workers[0])))
         noop, floor = process_noop(config, args.rounds)
         print(f"no-op process (train.py --only preprocess): {stats(noop)}; `import torch` alone: {stats(floor)}")
+        (folder / "zz_new.mp4").unlink()
+        overlap(folder, cfgs, workers, args.clips, statistics.median(vae_limits) / args.clips)
+
+
+def overlap(folder: Path, cfgs: dict, workers: list, clips: int, per_clip: float, rounds: int = 3) -> None:
+    """The stage with an encoder that waits instead of computing (`per_clip` seconds, the VAE's own median): what a
+    GPU is to the CPU. Decoding, conversion and writes then run beside the encoder on otherwise idle cores, so the
+    figure shows how much of that work the pipeline hides, apart from how busy the machine's cores are."""
+    real = ltxv.encode_video
+
+    def off_cpu(vae, pixels, posterior="mode", seeds=None):
+        time.sleep(per_clip * pixels.shape[0])
+        dims = ltxv.latent_shape(pixels.shape[4], pixels.shape[3], pixels.shape[2])
+        return torch.zeros(pixels.shape[0], 128, *dims)
+
+    ltxv.encode_video = off_cpu
+    try:
+        for n in workers:
+            seconds = []
+            for _ in range(rounds):
+                shutil.rmtree(cache_root(folder), ignore_errors=True)
+                seconds.append(stage_seconds(timed(cfgs[n])[1]))
+            name = f"num_workers={n}" if n is not None else f"default ({decode_workers(None)})"
+            print(
+                f"encoder off the CPU ({1000 * per_clip:.0f} ms per clip, limit {1 / per_clip:.1f} clips/s), {name}: "
+                f"encoding stage {rate(clips, seconds)} = {100 * per_clip * clips / min(seconds):.0f} % of the limit"
+            )
+    finally:
+        ltxv.encode_video = real
 
 
 def rate(clips: int, seconds: list[float]) -> str:

@@ -232,17 +232,21 @@ def time_configuration(
 
     for step in range(warmup):
         one_step(step)
-    if sync_debug and device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("warn")  # every host sync inside the timed steps prints a warning
-    try:
-        ours = [timed(one_step, warmup + r * steps) for r in range(rounds)]
-    finally:
-        if sync_debug and device.type == "cuda":
-            torch.cuda.set_sync_debug_mode("default")
+    debug = sync_debug and device.type == "cuda"  # every host sync inside our timed steps prints a warning
+    ours, bare, done = [], [], None
+    for r in range(rounds):  # alternated with the bare rounds: a busy moment of a shared machine hits both alike
+        if debug:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            ours.append(timed(one_step, warmup + r * steps))
+        finally:
+            if debug:
+                torch.cuda.set_sync_debug_mode("default")
+        if r == rounds - 1:  # the optimizer's step count: ours, and the bare rounds' so far
+            state = optimizer.state[params[0]] if params[0] in optimizer.state else {}
+            done = int(state["step"]) - r * steps if "step" in state else None
+        bare.append(timed(bare_step, 0)[0])
     last_loss = float(ours[-1][1][-1])  # after the timing: one value to show the steps computed something finite
-    state = optimizer.state[params[0]] if params[0] in optimizer.state else {}
-    done = int(state["step"]) if "step" in state else None
-    bare = [timed(bare_step, 0)[0] for _ in range(rounds)]  # after ours: the optimizer count above is ours only
     trainable = sum(p.numel() for p in params)
     seconds = sorted(t for t, _ in ours)
     return {"seconds": seconds[0], "median_seconds": seconds[len(seconds) // 2], "bare_seconds": min(bare),
