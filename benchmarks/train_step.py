@@ -14,9 +14,10 @@ batch of the cached layout (latents [B,128,(F-1)/8+1,H/32,W/32], prompt_embeds [
 mask, fps) copied from the host each step the way `CachedDataset.load_batch` does. Reading the cache from
 disk is not timed. Warm-up steps (compilation, cuBLAS heuristics, allocator growth) are not timed; the timed
 steps run without host syncs and end with one device sync. `--rounds` rounds of `--steps` steps are timed: the
-table shows the best round (s/step) and the median one. `bare_s/step` times the same model and optimizer doing a
-plain forward, MSE, backward and optimizer step (no seeded generators, clipping, LR schedule, accumulation
-bookkeeping): `ours/bare` is what the training loop's step costs on top of the model itself.
+table shows the best round (s/step) and the median one. `bare_s/step` (best round; its rounds alternate with
+ours) times the same model and optimizer doing a plain forward, MSE, backward and optimizer step (no seeded
+generators, clipping, LR schedule, accumulation bookkeeping): `ours/bare` is what the training loop's step costs on
+top of the model itself.
 
 FLOPs per step (B samples of T video tokens, L text tokens, inner width d, n layers):
     forward   F = 2*T*N_video + 2*L*N_text + n*(4*T^2*d + 4*T*L*d)
