@@ -750,3 +750,19 @@ def test_the_device_of_a_cpu_only_torch_is_read_without_asking_torch(tmp_path, m
     assert preprocess._device() == "cuda"  # ROCm builds answer through torch.cuda as well
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert preprocess._device() == "cpu"  # a CUDA build without a usable GPU
+
+
+def test_frames_converted_on_the_device_give_the_same_cache_files(tmp_path: Path, monkeypatch):
+    """On a GPU, frames cross to the device as uint8 and are converted there: the same pixels reach the VAE as when
+    the decode threads convert them (checked here on the CPU, through the same code path)."""
+    from ltxv_tuner import encode
+
+    a = make_dataset(tmp_path / "a", n=3)
+    shutil.copytree(a, tmp_path / "b")
+    plain = Manifest.read(run_preprocess(make_cfg(a, preprocessing={"batch_size": 2})))
+    monkeypatch.setattr(encode, "convert_on_device", lambda device: True)
+    moved = Manifest.read(run_preprocess(make_cfg(tmp_path / "b", preprocessing={"batch_size": 2})))
+    assert len(plain.clips) == len(moved.clips) == 3
+    files = [{c.video: _file_content(latent_path(cache_root(d), c.latent_key)) for c in m.clips}
+             for d, m in ((a, plain), (tmp_path / "b", moved))]  # fmt: skip
+    assert files[0] == files[1]

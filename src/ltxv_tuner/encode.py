@@ -30,7 +30,7 @@ from .cache import (
 from .data import REFERENCE_PREFIX, Issue
 from .logs import progress
 from .models import family
-from .video import VideoError, frames_to_vae_input, read_clip, write_video
+from .video import VideoError, frames_to_vae_input, read_clip, to_vae_range, write_video
 
 if TYPE_CHECKING:
     from .preprocess import _Item, _Report
@@ -98,6 +98,12 @@ def encode_conditions(cfg, root: Path, captions: dict[str, str], device: str, dt
     params = _param_count(encoder)
     del tokenizer, encoder
     _release_memory(params)
+
+
+def convert_on_device(device: str) -> bool:
+    """On a GPU the frames cross as uint8 (a quarter of float32's bytes) and become floats there; on the CPU the
+    decode threads convert them, beside the VAE."""
+    return device != "cpu"
 
 
 def decode_workers(setting: int | None) -> int:
@@ -213,14 +219,17 @@ def encode_latents(
     t1 = time.perf_counter()
     report.seconds["VAE load"] = t1 - t0
 
+    on_device = convert_on_device(device)
+
     def decode(item: _Item):  # in a worker thread when num_workers > 0: decoding overlaps the VAE
         w, h, f = item.bucket
         frames, fps = read_clip(item.src.video, w, h, f, item.start)
         mel = audio.read(item, fps) if audio is not None and not item.src.rel.startswith(REFERENCE_PREFIX) else None
-        return frames_to_vae_input(frames), fps, mel
+        return (frames.permute(3, 0, 1, 2) if on_device else frames_to_vae_input(frames)), fps, mel
 
     def flush(batch: list[tuple[_Item, torch.Tensor, float, object]]):
-        x = torch.stack([pixels for _, pixels, _, _ in batch]).to(device=device, dtype=dtype)
+        x = torch.stack([pixels for _, pixels, _, _ in batch])
+        x = (to_vae_range(x.to(device)) if on_device else x).to(device=device, dtype=dtype)
         seeds = [posterior_seed(item.latent_key) for item, _, _, _ in batch]
         latents = fam.encode_video(vae, x, pp.vae_posterior, seeds)
         for (item, _, fps, mel), lat in zip(batch, latents, strict=True):

@@ -202,9 +202,14 @@ def read_clip(path: str | Path, width: int, height: int, num_frames: int, start:
 
 
 def frames_to_vae_input(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 [F, H, W, 3] -> float [3, F, H, W] in [-1, 1] (the LTXV VAE's input range). One allocation and
-    in-place arithmetic: the same values as .float().div(127.5).sub(1.0), several times faster on large clips."""
-    return frames.permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+    """uint8 [F, H, W, 3] -> float [3, F, H, W] in [-1, 1] (the LTXV VAE's input range)."""
+    return to_vae_range(frames.permute(3, 0, 1, 2))
+
+
+def to_vae_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any layout, any device) -> float32 in [-1, 1]. One allocation and in-place arithmetic: the same
+    values as .float().div(127.5).sub(1.0), several times faster on large clips."""
+    return pixels.float().div_(127.5).sub_(1.0)
 
 
 def write_video(
