@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .sources import HF_REVISION, file_identity, folder_identity, missing_path_error, versions
+from . import sources
+from .sources import HF_REVISION, file_identity, folder_identity, versions
 
 TINY_IDENTITY = "tiny-ltx2-v1"
 GEMMA3_REPO = "google/gemma-3-12b-it-qat-q4_0-unquantized"  # the text encoder of 2.0 and 2.3
@@ -16,17 +17,7 @@ GEMMA_FIX = "set model.text_encoder to a local Gemma folder (config.json, weight
 
 def text_encoder_source(model_cfg) -> tuple[str, Path | None]:
     """('tiny', None) | ('local', folder) | ('hf', None) - where the Gemma comes from."""
-    if model_cfg.text_encoder:
-        path = Path(model_cfg.text_encoder).expanduser()
-        if not path.exists():
-            raise missing_path_error("model.text_encoder", path, "a local Gemma folder")
-        return "local", path.resolve()
-    src = model_cfg.source
-    if src.kind == "tiny":
-        return "tiny", None
-    if src.kind == "diffusers" and (src.path / "text_encoder" / "config.json").is_file():
-        return "local", src.path
-    return "hf", None
+    return sources.text_encoder_source(model_cfg, "a local Gemma folder")
 
 
 def gemma_repo(model_cfg) -> str:

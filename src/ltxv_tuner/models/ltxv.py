@@ -32,7 +32,6 @@ import torch
 from ..errors import UserError
 from . import hub, ltxv_tiny
 from .ltxv_facts import HF_REPO, audio_mode, model_identity  # noqa: F401  (re-exported: the family's facts)
-from .ltxv_facts import local_override as _local_override
 from .ltxv_facts import text_encoder_source as _text_encoder_source
 from .ltxv_keys import (
     LIGHTRICKS_TRANSFORMER_FIELDS,
@@ -44,6 +43,7 @@ from .single_file import Header, build_from_state, is_aux_key, lora_like, match,
 from .sources import (
     MODEL_CONFIGS,
     ModelSource,
+    existing_path,
     folder_scheduler,
     lookup_version,
     named_versions,
@@ -297,7 +297,7 @@ def _load_vae_path(path: Path, dtype, device, key: str, config_dir: Path | None 
 
 def load_vae(model_cfg, dtype=torch.float32, device="cpu"):
     if model_cfg.vae:
-        path = _local_override(model_cfg.vae, "model.vae", "a VAE .safetensors file or a diffusers VAE folder")
+        path = existing_path(model_cfg.vae, "model.vae", "a VAE .safetensors file or a diffusers VAE folder")
         return _load_vae_path(path, dtype, device, "model.vae")
     src = model_cfg.source
     if src.kind == "tiny":

@@ -7,31 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .sources import HF_REVISION, ModelSource, file_identity, folder_identity, missing_path_error, path_identity
+from . import sources
+from .sources import HF_REVISION, ModelSource, existing_path, file_identity, folder_identity, path_identity
 
 HF_REPO = "Lightricks/LTX-Video"
 TINY_IDENTITY = "tiny-v2"  # v2: token ids no longer depend on the process
 
 
-def local_override(value: str, key: str, what: str) -> Path:
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise missing_path_error(key, path, what)
-    return path.resolve()
-
-
 def text_encoder_source(model_cfg) -> tuple[str, Path | None]:
     """('tiny', None) | ('local', folder) | ('hf', None) - where the T5 comes from."""
-    if model_cfg.text_encoder:
-        return "local", local_override(
-            model_cfg.text_encoder, "model.text_encoder", "a T5 folder (text_encoder/ + tokenizer/)"
-        )
-    src = model_cfg.source
-    if src.kind == "tiny":
-        return "tiny", None
-    if src.kind == "diffusers" and (src.path / "text_encoder" / "config.json").is_file():
-        return "local", src.path
-    return "hf", None
+    return sources.text_encoder_source(model_cfg, "a T5 folder (text_encoder/ + tokenizer/)")
 
 
 def _hf_identity(src: ModelSource) -> str:
@@ -58,9 +43,9 @@ def model_identity(model_cfg) -> dict:
             else f"hf:{HF_REPO}/text_encoder+tokenizer@{HF_REVISION}"
         )
     if model_cfg.vae:
-        ident["vae"] = path_identity(local_override(model_cfg.vae, "model.vae", "a VAE file or folder"))
+        ident["vae"] = path_identity(existing_path(model_cfg.vae, "model.vae", "a VAE file or folder"))
     if model_cfg.text_encoder:
-        folder = local_override(model_cfg.text_encoder, "model.text_encoder", "a T5 folder")
+        folder = existing_path(model_cfg.text_encoder, "model.text_encoder", "a T5 folder")
         ident["text_encoder"] = folder_identity(folder)
     return ident
 

@@ -68,6 +68,27 @@ def missing_path_error(key: str, path: Path, what: str) -> UserError:
     return UserError(f"{key}: {path} does not exist (give the path to {what})")
 
 
+def existing_path(value: str, key: str, what: str) -> Path:
+    """The local path setting `key` names, resolved; a one-line error naming the setting when it does not exist."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise missing_path_error(key, path, what)
+    return path.resolve()
+
+
+def text_encoder_source(model_cfg, what: str) -> tuple[str, Path | None]:
+    """('tiny', None) | ('local', folder) | ('hf', None) - where a family's text encoder comes from: the folder
+    `model.text_encoder` names (`what` describes it in the error), a diffusers folder's own, or its HF repo."""
+    if model_cfg.text_encoder:
+        return "local", existing_path(model_cfg.text_encoder, "model.text_encoder", what)
+    src = model_cfg.source
+    if src.kind == "tiny":
+        return "tiny", None
+    if src.kind == "diffusers" and (src.path / "text_encoder" / "config.json").is_file():
+        return "local", src.path
+    return "hf", None
+
+
 # The transformer class of a diffusers folder -> its family (anything else: ltxv, whose loader explains a mismatch).
 _DIFFUSERS_CLASS_FAMILY = {"LTX2VideoTransformer3DModel": "ltx2"}
 
