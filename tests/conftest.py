@@ -40,6 +40,16 @@ def _fresh_ltxv_logging():
 
 
 @pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """An empty HF cache and offline mode: nothing may come from the network."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hf_home"
+
+
+@pytest.fixture
 def quickstart_dir(tmp_path: Path) -> Path:
     """A copy of the bundled example clips, so tests never write a cache into the repo."""
     dst = tmp_path / "data"

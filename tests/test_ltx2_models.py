@@ -69,16 +69,6 @@ def diffusers_folder(tmp_path_factory, tiny_components) -> Path:
     return folder
 
 
-@pytest.fixture
-def no_hub(monkeypatch, tmp_path):
-    """An empty HF cache and offline mode: nothing may come from the network."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path / "hf_home"
-
-
 # ------------------------------------------------------------------------------------------------------
 # Named versions
 

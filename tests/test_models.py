@@ -95,16 +95,6 @@ def single_file(tmp_path_factory, reference_models) -> Path:
     return _write_single_file(path, transformer, vae, _metadata(vae, tiny.TINY_TRANSFORMER_CONFIG))
 
 
-@pytest.fixture
-def no_hub(monkeypatch, tmp_path):
-    """An empty HF cache and offline mode: nothing may come from the network."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path / "hf_home"
-
-
 # ------------------------------------------------------------------------------------------------------
 # Local single file
 

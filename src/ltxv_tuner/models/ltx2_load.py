@@ -28,7 +28,16 @@ from .ltx2_facts import GEMMA3_REPO, model_identity  # noqa: F401  (re-exported:
 from .ltx2_facts import GEMMA_FIX as _GEMMA_FIX
 from .ltx2_facts import gemma_repo as _gemma_repo
 from .ltx2_facts import text_encoder_source as _text_encoder_source
-from .single_file import Header, build_from_state, is_aux_key, lora_like, match, read_header, read_tensors
+from .single_file import (
+    Header,
+    build_from_state,
+    is_aux_key,
+    lora_like,
+    match,
+    not_base_model_error,
+    read_header,
+    read_tensors,
+)
 from .sources import (
     MODEL_CONFIGS,
     folder_scheduler,
@@ -99,17 +108,14 @@ def _official_keys(header: Header, component: str) -> dict[str, str]:
     return {k: k for k in keys}
 
 
+_GIVE_INSTEAD = (
+    "an LTX-2 checkpoint such as ltx-2-19b-dev.safetensors, a diffusers LTX-2 folder, "
+    "or a named version like LTX2_19B_DEV"
+)
+
+
 def _not_ltx2_error(path: Path, component: str, shapes: dict) -> UserError:
-    if lora_like(shapes):
-        return UserError(
-            f"{KEY}: {path} is a LoRA file, not a base model (set model.model_source to the LTX-2 base checkpoint; "
-            "a LoRA cannot be the starting point)"
-        )
-    sample = ", ".join(sorted(shapes)[:3]) or "no tensors"
-    return UserError(
-        f"{KEY}: {path} holds no LTX-2 {WHAT[component]} weights (found e.g. {sample}); give an LTX-2 checkpoint "
-        "such as ltx-2-19b-dev.safetensors, a diffusers LTX-2 folder, or a named version like LTX2_19B_DEV"
-    )
+    return not_base_model_error(KEY, path, shapes, "LTX-2", WHAT[component], _GIVE_INSTEAD)
 
 
 def _weight_names(headers: list[Header], component: str) -> dict[str, tuple[Header, str]]:

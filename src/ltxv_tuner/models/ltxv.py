@@ -39,7 +39,16 @@ from .ltxv_keys import (
     original_to_diffusers,
     strip_compile_prefix,
 )
-from .single_file import Header, build_from_state, is_aux_key, lora_like, match, read_header, read_tensors
+from .single_file import (
+    Header,
+    build_from_state,
+    is_aux_key,
+    lora_like,
+    match,
+    not_base_model_error,
+    read_header,
+    read_tensors,
+)
 from .sources import (
     MODEL_CONFIGS,
     ModelSource,
@@ -77,17 +86,11 @@ def _single_file_path(src: ModelSource) -> Path:
     return src.path
 
 
+_GIVE_INSTEAD = "an LTXV checkpoint such as ltxv-13b-0.9.7-dev.safetensors, or a named version like LTXV_13B_097_DEV"
+
+
 def _not_ltxv_error(key: str, path: Path, part: str, shapes: dict) -> UserError:
-    if lora_like(shapes):
-        return UserError(
-            f"{key}: {path} is a LoRA file, not a base model (set model.model_source to the LTXV base checkpoint; "
-            "a LoRA cannot be the starting point)"
-        )
-    sample = ", ".join(sorted(shapes)[:3]) or "no tensors"
-    return UserError(
-        f"{key}: {path} holds no LTXV {part} weights (found e.g. {sample}); give an LTXV checkpoint such as "
-        "ltxv-13b-0.9.7-dev.safetensors, or a named version like LTXV_13B_097_DEV"
-    )
+    return not_base_model_error(key, path, shapes, "LTXV", part, _GIVE_INSTEAD)
 
 
 # The transformer: names normalised here (keys.py renames), then matched against the shipped configs.

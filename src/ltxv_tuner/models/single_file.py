@@ -85,6 +85,18 @@ def lora_like(keys) -> bool:
     return any("lora_" in k or ".lora." in k or k.startswith("lora_unet") for k in keys)
 
 
+def not_base_model_error(key: str, path: Path, shapes: dict, family: str, part: str, instead: str) -> UserError:
+    """The one-line answer to a local file that is not `family`'s base model: a LoRA given as the base, or other
+    weights (a few of their names shown). `instead`: what to give."""
+    if lora_like(shapes):
+        return UserError(
+            f"{key}: {path} is a LoRA file, not a base model (set model.model_source to the {family} base checkpoint; "
+            "a LoRA cannot be the starting point)"
+        )
+    sample = ", ".join(sorted(shapes)[:3]) or "no tensors"
+    return UserError(f"{key}: {path} holds no {family} {part} weights (found e.g. {sample}); give {instead}")
+
+
 def _expected_state(cls, config: dict) -> dict[str, tuple[int, ...]]:
     from accelerate import init_empty_weights
 
