@@ -4,11 +4,15 @@
 
 Generates N smooth synthetic clips (tests/videogen.py), then prints, in one run (compare figures within a run:
 shared machines are noisy):
-- limit: clips/s of the T5 + VAE encoding alone, on clips decoded beforehand (what the stage is bound by);
+- limit: clips/s of the T5 + VAE encoding alone, on clips decoded beforehand, on the stage's device and dtype, and
+  arranged as the stage runs the VAE (on the CPU, small clips: one-thread lanes) - what the stage is bound by; and
+  the VAE as one encoder with all of torch's threads (how it ran before lanes);
 - cold: clips/s of the whole preprocessing call (scan, model loads, decode, encode, write) per num_workers, best and
   median of --rounds paired rounds (each round times the limit, then every setting, in rotated order), and the share
   of the limit it reaches (median and range of the per-round ratios); and of its encoding stage (decode + VAE + write,
   overlapped; the report's `time: ... latents` figure) against the VAE alone;
+- the stage with an encoder off the CPU (it waits the VAE's own time instead of computing, as a GPU frees the CPU):
+  how much of the decoding, conversion and writing the decode threads hide;
 - warm: the same call with nothing to do, and after adding one clip (exactly one latent is encoded);
 - no-op process: `python train.py CONFIG --only preprocess` on the complete cache, next to `python -c "import
   torch"` (the floor of any PyTorch process).
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,12 +42,13 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from videogen import make_clip  # noqa: E402
 
+from ltxv_tuner import encode  # noqa: E402
 from ltxv_tuner.cache import cache_root  # noqa: E402
 from ltxv_tuner.config import validate_config  # noqa: E402
-from ltxv_tuner.encode import decode_workers  # noqa: E402
+from ltxv_tuner.encode import TORCH_DTYPES, cpu_lanes, decode_workers, lane_count  # noqa: E402
 from ltxv_tuner.logs import quiet_libraries  # noqa: E402
 from ltxv_tuner.models import ltxv, ltxv_tiny  # noqa: E402
-from ltxv_tuner.preprocess import run_preprocess  # noqa: E402
+from ltxv_tuner.preprocess import COMPUTE_DTYPE, _device, run_preprocess  # noqa: E402
 from ltxv_tuner.video import frames_to_vae_input, read_clip  # noqa: E402
 
 
@@ -76,18 +82,46 @@ def raw_config(folder: Path, w: int, h: int, workers: int | None) -> dict:
 
 
 @torch.inference_mode()
-def encode_limit(folder: Path, clips: list[Path], w: int, h: int) -> tuple[float, float]:
-    """Seconds for (T5 on every caption, the VAE on every clip), frames decoded and converted beforehand."""
-    pixels = [frames_to_vae_input(read_clip(c, w // 32 * 32, h // 32 * 32, 17)[0])[None] for c in clips]
+def encode_limit(clips: list[Path], w: int, h: int, device: str, lanes: int) -> tuple[float, float, float]:
+    """Seconds for T5 on every caption, for the VAE on every clip as the stage runs it (on the CPU in `lanes`
+    one-thread lanes, 0 = not in lanes), and for the VAE as one encoder with torch's threads (the arrangement before
+    lanes; the same figure where the stage does not use lanes). Frames are decoded and converted beforehand, and put
+    on the device: this is the encoders' own speed on the stage's device and dtype."""
+    dtype = TORCH_DTYPES[COMPUTE_DTYPE[device]]
+    bucket = (w // 32 * 32, h // 32 * 32, 17)
+    pixels = [frames_to_vae_input(read_clip(c, *bucket)[0])[None].to(device, dtype) for c in clips]
     captions = [c.with_suffix(".txt").read_text().strip() for c in clips]
     tok, enc, vae = ltxv_tiny.build_tiny_tokenizer(), ltxv_tiny.build_tiny_text_encoder(), ltxv_tiny.build_tiny_vae()
+    enc, vae = enc.to(device, dtype), vae.to(device, dtype)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def one(i: int) -> None:  # the default posterior draw, as preprocessing does
+        with torch.inference_mode():
+            ltxv.encode_video(vae, pixels[i], "sample", [i])
+
+    sync()
     t0 = time.perf_counter()
     for text in captions:
-        ltxv.encode_captions(tok, enc, [text], 128, "cpu")
+        ltxv.encode_captions(tok, enc, [text], 128, device)
+    sync()
     t1 = time.perf_counter()
-    for x, seed in zip(pixels, range(len(pixels)), strict=True):
-        ltxv.encode_video(vae, x, "sample", [seed])  # the default posterior draw, as preprocessing does
-    return t1 - t0, time.perf_counter() - t1
+    for i in range(len(pixels)):
+        one(i)
+    sync()
+    t2 = time.perf_counter()
+    if not lanes:
+        return t1 - t0, t2 - t1, t2 - t1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(lanes) as pool:
+            list(pool.map(one, range(len(pixels))))
+    finally:
+        torch.set_num_threads(threads)
+    return t1 - t0, time.perf_counter() - t2, t2 - t1
 
 
 def stage_seconds(report: str) -> float:
@@ -133,9 +167,16 @@ def main() -> None:
     quiet_libraries()
     w, h = map(int, args.size.split("x"))
     workers = [None if x == "default" else int(x) for x in args.workers.split(",")]
+    device = _device()
+    lanes = lane_count() if cpu_lanes(device, (w // 32 * 32, h // 32 * 32, 17)) else 0
+    arrangement = (
+        f"{lanes} one-thread lanes (each worker decodes and encodes)"
+        if lanes
+        else f"{decode_workers(None)} decode thread(s) beside one encoder"
+    )
     print(
-        f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} intra-op threads, default "
-        f"num_workers {decode_workers(None)}; {args.clips} clips {args.size}x{args.frames} (bucket x17); "
+        f"torch {torch.__version__} on {device}, {os.cpu_count()} cores, {torch.get_num_threads()} intra-op threads; "
+        f"default arrangement: {arrangement}; {args.clips} clips {args.size}x{args.frames} (bucket x17); "
         f"{args.rounds} paired rounds"
     )
 
@@ -149,14 +190,15 @@ def main() -> None:
 
         # Each round measures the limit and then every setting back to back, so a neighbour's load hits a round's
         # pair alike; the ratio is taken within a round (paired) and summarised over rounds.
-        limits, vae_limits = [], []
+        limits, vae_limits, one_encoder = [], [], []
         runs: dict = {n: [] for n in workers}
         stages: dict = {n: [] for n in workers}
         busy0, steal0 = cpu_steal()
         for r in range(args.rounds):
-            t5, vae = encode_limit(folder, clips, w, h)
+            t5, vae, vae_one = encode_limit(clips, w, h, device, lanes)
             limits.append(t5 + vae)
             vae_limits.append(vae)
+            one_encoder.append(vae_one)
             for n in workers[r % len(workers) :] + workers[: r % len(workers)]:  # rotate the order
                 shutil.rmtree(cache_root(folder), ignore_errors=True)
                 seconds, report = timed(cfgs[n])
@@ -165,15 +207,18 @@ def main() -> None:
         busy1, steal1 = cpu_steal()
         steal = 100 * (steal1 - steal0) / max(busy1 - busy0, 1e-9)
         print(
-            f"limit, T5 + VAE alone on decoded clips: {rate(args.clips, limits)}; "
-            f"VAE alone {rate(args.clips, vae_limits)} (CPU time taken by other guests meanwhile: {steal:.1f} %)"
+            f"limit, T5 + VAE alone on decoded clips: {rate(args.clips, limits)}; VAE alone as the stage runs it "
+            f"{rate(args.clips, vae_limits)}; as one encoder with {torch.get_num_threads()} threads "
+            f"{rate(args.clips, one_encoder)} (CPU time taken by other guests meanwhile: {steal:.1f} %)"
         )
         for n in workers:
-            name = f"num_workers={n}" if n is not None else f"default ({decode_workers(None)})"
+            name = f"num_workers={n}" if n is not None else "default"
             whole = [lim / t for lim, t in zip(limits, runs[n], strict=True)]
             stage = [lim / t for lim, t in zip(vae_limits, stages[n], strict=True)]
+            one = [lim / t for lim, t in zip(one_encoder, stages[n], strict=True)]
             print(
-                f"{name:>16}: encoding stage {rate(args.clips, stages[n])} = {share(stage)} of the VAE-alone limit; "
+                f"{name:>14}: encoding stage {rate(args.clips, stages[n])} = {share(stage)} of the VAE alone as "
+                f"the stage runs it" + (f", {share(one)} of it as one encoder" if lanes else "") + "; "
                 f"whole call {rate(args.clips, runs[n])} = {share(whole)} of the T5 + VAE limit"
             )
         cfg = cfgs[workers[0]]
@@ -204,6 +249,7 @@ def overlap(folder: Path, cfgs: dict, workers: list, clips: int, per_clip: float
         return torch.zeros(pixels.shape[0], 128, *dims)
 
     ltxv.encode_video = off_cpu
+    lane_max, encode.LANE_MAX_PIXELS = encode.LANE_MAX_PIXELS, 0  # a GPU's arrangement: decode threads, one encoder
     try:
         for n in workers:
             seconds = []
@@ -217,6 +263,7 @@ def overlap(folder: Path, cfgs: dict, workers: list, clips: int, per_clip: float
             )
     finally:
         ltxv.encode_video = real
+        encode.LANE_MAX_PIXELS = lane_max
 
 
 def rate(clips: int, seconds: list[float]) -> str:

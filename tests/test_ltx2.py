@@ -121,6 +121,32 @@ def test_preprocessing_caches_audio_latents_where_the_clip_has_sound(ltx2_cache)
     assert any(n["path"] in without and "video-only" in n["reason"] for n in manifest.notes)
 
 
+def test_worker_threads_write_the_same_audio_and_video_latents(tmp_path):
+    """Video and audio VAEs encoding in 2 lanes at once (small clips on the CPU, one lane per torch thread) write
+    exactly what one lane alone writes."""
+    from safetensors.torch import load_file
+
+    from ltxv_tuner.cache import cache_root, latent_path
+
+    before = torch.get_num_threads()
+    written = {}
+    try:
+        for lanes in (1, 2):
+            torch.set_num_threads(lanes)
+            data = tmp_path / f"lanes{lanes}"
+            shutil.copytree(EXAMPLES, data, ignore=shutil.ignore_patterns(".precomputed"))
+            manifest = Manifest.read(run_preprocess(_config(tmp_path, data)))
+            written[lanes] = {c.video: load_file(latent_path(cache_root(data), c.latent_key)) for c in manifest.clips}
+    finally:
+        torch.set_num_threads(before)
+    assert sum("audio_latents" in t for t in written[1].values()) == 3
+    assert written[1].keys() == written[2].keys()
+    for video, tensors in written[1].items():
+        assert tensors.keys() == written[2][video].keys()
+        for key, value in tensors.items():
+            assert torch.equal(value, written[2][video][key]), (video, key)
+
+
 def _losses(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
 

@@ -9,7 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -471,17 +473,75 @@ def test_batching_and_decode_threads_give_the_same_cache(tmp_path: Path):
         torch.testing.assert_close(ea, eb, rtol=1e-4, atol=1e-4)
 
 
-def test_decode_workers_give_bit_identical_cache_files(tmp_path: Path):
-    """Decoding in 0 or 3 background threads (and the automatic default) changes nothing that is written."""
+@pytest.fixture
+def torch_threads() -> Iterator[Callable[[int], None]]:
+    """Sets torch's intra-op threads for the test (parallel test workers run 1), restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("lanes", [True, False], ids=["cpu-lanes", "one-encoder"])
+def test_worker_and_thread_counts_give_bit_identical_cache_files(tmp_path: Path, monkeypatch, torch_threads, lanes):
+    """Small clips on the CPU encode in one lane per torch thread, one torch thread each: 1 or 2 lanes, whatever
+    num_workers, write the same bits. With one encoder (big clips, or a GPU), 0 or 3 decode threads (and the
+    automatic default) beside it at 2 torch threads change nothing that is written. torch's count is restored."""
+    from ltxv_tuner import encode
+
+    if not lanes:
+        monkeypatch.setattr(encode, "LANE_MAX_PIXELS", 0)
+    runs = [(2, None), (2, 0), (1, 3)] if lanes else [(2, 0), (2, 3), (2, None)]
     a = make_dataset(tmp_path / "a", n=4)
-    written = {}
-    for workers in (0, 3, None):
-        folder = tmp_path / f"w{workers}"
+    written = []
+    for threads, workers in runs:
+        torch_threads(threads)
+        folder = tmp_path / f"t{threads}w{workers}"
         shutil.copytree(a, folder)
         manifest = Manifest.read(run_preprocess(make_cfg(folder, preprocessing={"num_workers": workers})))
+        assert torch.get_num_threads() == threads
         root = cache_root(folder)
-        written[workers] = {c.video: _file_content(latent_path(root, c.latent_key)) for c in manifest.clips}
-    assert len(written[0]) == 4 and written[0] == written[3] == written[None]
+        written.append({c.video: _file_content(latent_path(root, c.latent_key)) for c in manifest.clips})
+    assert len(written[0]) == 4 and written[0] == written[1] == written[2]
+
+
+@pytest.mark.parametrize("lanes", [True, False], ids=["cpu-lanes", "one-encoder"])
+def test_where_clips_are_encoded(tmp_path: Path, monkeypatch, torch_threads, lanes: bool):
+    """Small clips on the CPU are encoded by the lanes that decoded them, one per torch thread, with one torch thread
+    each; otherwise the main thread encodes with torch's own thread count while the workers decode. A clip that fails
+    while decoding is a reported skip either way."""
+    from ltxv_tuner import encode
+    from ltxv_tuner.models import ltxv
+    from ltxv_tuner.video import VideoError
+
+    if not lanes:
+        monkeypatch.setattr(encode, "LANE_MAX_PIXELS", 0)
+    real_encode, real_read, seen = ltxv.encode_video, encode.read_clip, []
+
+    def recording(vae, pixels, *args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        time.sleep(0.05)  # every lane gets a clip
+        return real_encode(vae, pixels, *args, **kwargs)
+
+    def failing_on_clip2(path, *args):
+        if Path(path).name == "clip2.mp4":  # probes fine, breaks mid-stream (as a damaged file can)
+            raise VideoError("decoding failed after 3 frames (test)")
+        return real_read(path, *args)
+
+    monkeypatch.setattr(ltxv, "encode_video", recording)
+    monkeypatch.setattr(encode, "read_clip", failing_on_clip2)
+    torch_threads(2)
+    folder = make_dataset(tmp_path / "d", n=5)
+    manifest = Manifest.read(run_preprocess(make_cfg(folder, preprocessing={"num_workers": 3})))
+    assert sorted(c.video for c in manifest.clips) == ["clip0.mp4", "clip1.mp4", "clip3.mp4", "clip4.mp4"]
+    skipped = [(s["path"], s["reason"]) for s in manifest.skipped]
+    assert skipped == [("clip2.mp4", "decoding failed after 3 frames (test)")]
+    assert len(seen) == 4
+    threads = {name for name, _ in seen}
+    if lanes:
+        assert len(threads) == 2 and all(n.startswith("clip-worker") for n in threads)
+        assert {n for _, n in seen} == {1}
+    else:
+        assert threads == {"MainThread"} and {n for _, n in seen} == {2}
 
 
 def _file_content(path: Path) -> tuple[bytes, dict]:

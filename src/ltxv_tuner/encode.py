@@ -10,6 +10,8 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,40 +108,75 @@ def convert_on_device(device: str) -> bool:
     return device != "cpu"
 
 
+# On the CPU, buckets up to this many pixels (w x h x frames) are encoded in lanes: each worker thread decodes *and*
+# encodes its own clips with one torch thread. Measured on 2 cores with the tiny VAE (benchmarks/preprocess.py):
+# the VAE alone ran as fast or faster in 2 one-thread lanes as with 2 intra-op threads up to 256x192x33 (52 against
+# 44-50 clips/s at 128x96x17, 4.0 against 4.0 at 256x192x33), slower above (1.8 against 2.5 at 512x384x49), and a
+# decode thread beside a VAE that uses every core stalls it (the stage at 128x96x17: 29 clips/s with a decode
+# thread, 34 decoding inline, 40-42 in lanes).
+LANE_MAX_PIXELS = 256 * 192 * 33
+MAX_LANES = 8  # beyond a few lanes Python's lock, not the cores, bounds small clips (not measured past 2 cores)
+
+
+def cpu_lanes(device: str, bucket: tuple[int, int, int]) -> bool:
+    """Whether a bucket's clips are encoded in lanes (see LANE_MAX_PIXELS). Otherwise (a GPU, big clips) the main
+    thread encodes while num_workers threads decode."""
+    w, h, f = bucket
+    return device == "cpu" and w * h * f <= LANE_MAX_PIXELS
+
+
 def decode_workers(setting: int | None) -> int:
-    """dataset.preprocessing.num_workers, null = half the cores (1 to 4): on 2 cores one decode thread took the
-    encoding stage from 61 % to 81 % of its encode-only limit, a second one added nothing (benchmarks/preprocess.py)."""
+    """Decode threads beside a GPU encoder (and beside a CPU one for big clips): dataset.preprocessing.num_workers,
+    null = half the cores (1 to 4)."""
     if setting is not None:
         return setting
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def _in_order(items: list, fn: Callable, workers: int) -> Iterator[tuple]:
-    """(item, fn(item) or the VideoError) in order; with workers > 0 up to 2*workers items decode ahead in threads."""
+def lane_count() -> int:
+    """Lanes on the CPU: one per torch thread (torch.get_num_threads(): the cores, or OMP_NUM_THREADS), at most
+    MAX_LANES. Not num_workers: every lane encodes with one torch thread, so its clips' bits never depend on it."""
+    return max(1, min(MAX_LANES, torch.get_num_threads()))
 
-    def call(item):
-        try:
-            return fn(item)
-        except VideoError as e:
-            return e
 
+@contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to n (None: unchanged) for the block, restored afterwards. Threads started in
+    the block take the new count; the count changes the last bits of conv results, so it never depends on
+    num_workers (the cache stays bit-identical whatever the worker count)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _in_order(units: list, fn: Callable, workers: int, ahead: int) -> Iterator[tuple]:
+    """(unit, fn(unit)) in order; with workers > 0, fn runs in that many threads, at most `ahead` units ahead of the
+    consumer (bounded memory). An exception in fn is raised here, at its unit."""
     if workers <= 0:
-        for item in items:
-            yield item, call(item)
+        for unit in units:
+            yield unit, fn(unit)
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-worker") as pool:
         pending = []
-        it = iter(items)
-        for item in it:
-            pending.append((item, pool.submit(call, item)))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            item, fut = pending.pop(0)
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(call, nxt)))
-            yield item, fut.result()
+        it = iter(units)
+        try:
+            for unit in it:
+                pending.append((unit, pool.submit(fn, unit)))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                unit, fut = pending.pop(0)
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(fn, nxt)))
+                yield unit, fut.result()
+        finally:
+            for _, fut in pending:  # an error (or a consumer that stopped) leaves nothing queued behind it
+                fut.cancel()
 
 
 class _Writer:
@@ -201,7 +238,11 @@ class _AudioEncoder:
 def encode_latents(
     cfg, root: Path, todo: list[_Item], device: str, dtype: torch.dtype, report: _Report, on_bad: Callable
 ) -> dict[str, float]:
-    """Encode one latent per item (items share no key). Returns fps per latent key; bad videos go to on_bad."""
+    """Encode one latent per item (items share no key). Returns fps per latent key; bad videos go to on_bad.
+
+    Work goes in same-bucket batches (items keep folder order inside a bucket). On a GPU, worker threads decode
+    the coming batches while the main thread encodes; on the CPU, small buckets go in lanes (cpu_lanes), each worker
+    decoding and encoding its own batches. Files are written on a background thread either way."""
     pp = cfg.dataset.preprocessing
     fam = family(cfg.model)
     t0 = time.perf_counter()
@@ -209,11 +250,9 @@ def encode_latents(
     if pp.vae_tiling:
         vae.enable_tiling()
     fps_by_key: dict[str, float] = {}
-    # Same-bucket batches; items keep folder order inside a bucket.
     by_bucket: dict[tuple, list[_Item]] = {}
     for item in todo:
         by_bucket.setdefault(tuple(item.bucket), []).append(item)
-    ordered = [item for group in by_bucket.values() for item in group]
 
     audio = _AudioEncoder(cfg, fam, device, dtype, report) if fam.audio_mode(cfg) != "off" else None
     t1 = time.perf_counter()
@@ -221,45 +260,58 @@ def encode_latents(
 
     on_device = convert_on_device(device)
 
-    def decode(item: _Item):  # in a worker thread when num_workers > 0: decoding overlaps the VAE
+    def decode(item: _Item):
         w, h, f = item.bucket
         frames, fps = read_clip(item.src.video, w, h, f, item.start)
         mel = audio.read(item, fps) if audio is not None and not item.src.rel.startswith(REFERENCE_PREFIX) else None
         return (frames.permute(3, 0, 1, 2) if on_device else frames_to_vae_input(frames)), fps, mel
 
-    def flush(batch: list[tuple[_Item, torch.Tensor, float, object]]):
-        x = torch.stack([pixels for _, pixels, _, _ in batch])
+    @torch.inference_mode()  # also in worker threads (the mode is per thread)
+    def encode(decoded: list[tuple[_Item, torch.Tensor, float, object]]) -> list[dict[str, torch.Tensor]]:
+        x = torch.stack([pixels for _, pixels, _, _ in decoded])
         x = (to_vae_range(x.to(device)) if on_device else x).to(device=device, dtype=dtype)
-        seeds = [posterior_seed(item.latent_key) for item, _, _, _ in batch]
+        seeds = [posterior_seed(item.latent_key) for item, _, _, _ in decoded]
         latents = fam.encode_video(vae, x, pp.vae_posterior, seeds)
-        for (item, _, fps, mel), lat in zip(batch, latents, strict=True):
+        out = []
+        for (item, _, fps, mel), lat in zip(decoded, latents, strict=True):
             tensors = {"latents": lat.float()}  # float32 on disk whatever the compute dtype: one contract for readers
             if mel is not None:
                 tensors["audio_latents"] = audio.encode(item, mel, fps)
+            out.append(tensors)
+        return out
+
+    def work(batch: list[_Item], lanes: bool):  # in a worker thread when num_workers > 0
+        decoded, bad = [], []
+        for item in batch:
+            try:
+                decoded.append((item, *decode(item)))
+            except VideoError as e:
+                bad.append((item, str(e)))
+        return decoded, bad, (encode(decoded) if lanes and decoded else None)
+
+    def store(decoded: list, encoded: list[dict[str, torch.Tensor]]) -> None:
+        for (item, _, fps, _), tensors in zip(decoded, encoded, strict=True):
             metadata = {"fps": repr(fps), "video": item.src.rel, "format_version": str(CACHE_FORMAT_VERSION)}
             writer.put(latent_path(root, item.latent_key), tensors, metadata)
             fps_by_key[item.latent_key] = fps
             report.latents_encoded += 1
 
-    batch: list = []
-    with progress(total=len(ordered), desc="VAE latents", unit="clip") as bar, _Writer() as writer:
-        for item, result in _in_order(ordered, decode, decode_workers(pp.num_workers)):
-            if isinstance(result, VideoError):
-                on_bad(item, str(result))
-            else:
-                if batch and batch[0][0].bucket != item.bucket:
-                    flush(batch)
-                    batch = []
-                batch.append((item, *result))
-                if len(batch) >= pp.batch_size:
-                    flush(batch)
-                    batch = []
-            bar.update(1)
-        if batch:
-            flush(batch)
+    with progress(total=len(todo), desc="VAE latents", unit="clip") as bar, _Writer() as writer:
+        for bucket, group in by_bucket.items():
+            lanes = cpu_lanes(device, bucket)
+            workers = lane_count() if lanes else decode_workers(pp.num_workers)
+            batches = [group[i : i + pp.batch_size] for i in range(0, len(group), pp.batch_size)]
+            ahead = max(workers + 1, 2 * workers // pp.batch_size)  # batches decoded ahead: bounded memory
+            with _intra_op_threads(1 if lanes else None):
+                for batch, (decoded, bad, encoded) in _in_order(batches, partial(work, lanes=lanes), workers, ahead):
+                    for item, why in bad:
+                        on_bad(item, why)
+                    if decoded:
+                        store(decoded, encoded if encoded is not None else encode(decoded))
+                    bar.update(len(batch))
     report.seconds["latents"] = time.perf_counter() - t1  # the encoding stage: decode, encode, write (overlapped)
     params = _param_count(vae, audio.vae if audio is not None else None)
-    vae = audio = None  # the flush closure holds the names; dropping the references is what frees them
+    vae = audio = None  # the closures hold the names; dropping the references is what frees them
     _release_memory(params)
     return fps_by_key
 
