@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,19 @@ def test_peak_by_device_name(name, peak):
 def test_bad_dims_name_the_flag_and_the_fix():
     with pytest.raises(UserError, match=r"--dims: 100x96x17: width must be a positive multiple of 32"):
         train_step.parse_dims("100x96x17")
+
+
+def test_preprocess_benchmark_runs_on_cpu_and_prints_every_figure(tmp_path):
+    """benchmarks/preprocess.py kept alive: a 3-clip, 1-round run on the CPU prints each figure it promises. It
+    asserts itself that adding one clip encodes exactly one latent."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "preprocess.py"), "--clips", "3", "--rounds", "1"]
+    cmd += ["--workers", "default"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "on cpu" in out and "one-thread lanes" in out  # 128x96x17 clips on the CPU: lanes
+    assert re.search(r"VAE alone as the stage runs it [\d.]+ clips/s best", out)
+    assert re.search(r"default: encoding stage [\d.]+ clips/s best, [\d.]+ median = \d+ % median \(\d+-\d+ %\)", out)
+    assert "one latent encoded" in out and "no-op process" in out
+    assert re.search(r"encoder off the CPU .* = \d+ % of the limit", out)
