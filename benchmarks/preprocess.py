@@ -45,7 +45,7 @@ from videogen import make_clip  # noqa: E402
 from ltxv_tuner import encode  # noqa: E402
 from ltxv_tuner.cache import cache_root  # noqa: E402
 from ltxv_tuner.config import validate_config  # noqa: E402
-from ltxv_tuner.encode import TORCH_DTYPES, cpu_lanes, decode_workers, lane_count  # noqa: E402
+from ltxv_tuner.encode import TORCH_DTYPES, cpu_lanes, decode_workers, intra_op_threads, lane_count  # noqa: E402
 from ltxv_tuner.logs import quiet_libraries  # noqa: E402
 from ltxv_tuner.models import ltxv, ltxv_tiny  # noqa: E402
 from ltxv_tuner.preprocess import COMPUTE_DTYPE, _device, run_preprocess  # noqa: E402
@@ -114,13 +114,8 @@ def encode_limit(clips: list[Path], w: int, h: int, device: str, lanes: int) -> 
     t2 = time.perf_counter()
     if not lanes:
         return t1 - t0, t2 - t1, t2 - t1
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(lanes) as pool:
-            list(pool.map(one, range(len(pixels))))
-    finally:
-        torch.set_num_threads(threads)
+    with intra_op_threads(1), ThreadPoolExecutor(lanes) as pool:
+        list(pool.map(one, range(len(pixels))))
     return t1 - t0, time.perf_counter() - t2, t2 - t1
 
 

@@ -140,7 +140,7 @@ def lane_count() -> int:
 
 
 @contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
+def intra_op_threads(n: int | None) -> Iterator[None]:
     """torch's intra-op threads set to n (None: unchanged) for the block, restored afterwards. Threads started in
     the block take the new count; the count changes the last bits of conv results, so it never depends on
     num_workers (the cache stays bit-identical whatever the worker count)."""
@@ -280,7 +280,7 @@ def encode_latents(
             out.append(tensors)
         return out
 
-    def work(batch: list[_Item], lanes: bool):  # in a worker thread when num_workers > 0
+    def work(batch: list[_Item], lanes: bool):  # in a worker thread, unless num_workers is 0 outside lanes
         decoded, bad = [], []
         for item in batch:
             try:
@@ -302,7 +302,7 @@ def encode_latents(
             workers = lane_count() if lanes else decode_workers(pp.num_workers)
             batches = [group[i : i + pp.batch_size] for i in range(0, len(group), pp.batch_size)]
             ahead = max(workers + 1, 2 * workers // pp.batch_size)  # batches decoded ahead: bounded memory
-            with _intra_op_threads(1 if lanes else None):
+            with intra_op_threads(1 if lanes else None):
                 for batch, (decoded, bad, encoded) in _in_order(batches, partial(work, lanes=lanes), workers, ahead):
                     for item, why in bad:
                         on_bad(item, why)
