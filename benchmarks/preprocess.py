@@ -10,7 +10,9 @@ shared machines are noisy):
 - cold: clips/s of the whole preprocessing call (scan, model loads, decode, encode, write) per num_workers, best and
   median of --rounds paired rounds (each round times the limit, then every setting, in rotated order), and the share
   of the limit it reaches (median and range of the per-round ratios); and of its encoding stage (decode + VAE + write,
-  overlapped; the report's `time: ... latents` figure) against the VAE alone;
+  overlapped; the report's `time: ... latents` figure) against the VAE alone; and, for the first setting, that stage
+  in a fresh `python train.py CONFIG --only preprocess` each round (as users run it: every kernel runs for the first
+  time in the stage), against the same limit;
 - the stage with an encoder off the CPU (it waits the VAE's own time instead of computing, as a GPU frees the CPU):
   how much of the decoding, conversion and writing the decode threads hide;
 - warm: the same call with nothing to do, and after adding one clip (exactly one latent is encoded);
@@ -43,7 +45,7 @@ import yaml  # noqa: E402
 from videogen import make_clip  # noqa: E402
 
 from ltxv_tuner import encode  # noqa: E402
-from ltxv_tuner.cache import cache_root  # noqa: E402
+from ltxv_tuner.cache import cache_root, save_tensors_atomic  # noqa: E402
 from ltxv_tuner.config import validate_config  # noqa: E402
 from ltxv_tuner.encode import TORCH_DTYPES, cpu_lanes, decode_workers, intra_op_threads, lane_count  # noqa: E402
 from ltxv_tuner.logs import quiet_libraries  # noqa: E402
@@ -119,9 +121,46 @@ def encode_limit(clips: list[Path], w: int, h: int, device: str, lanes: int) -> 
     return t1 - t0, time.perf_counter() - t2, t2 - t1
 
 
+@torch.inference_mode()
+def cpu_budget(clips: list[Path], w: int, h: int, lanes: int, tmp: Path) -> tuple[float, float, float]:
+    """CPU seconds per clip, each on the thread that does it (time.thread_time): the VAE in one-thread lanes,
+    decoding + conversion to the VAE's input, writing the latent file. Where the encoder shares the cores with the
+    rest (the CPU), the stage can reach at most vae / (vae + decode + write) of the VAE alone."""
+    bucket = (w // 32 * 32, h // 32 * 32, 17)
+    c0 = time.thread_time()
+    pixels = [frames_to_vae_input(read_clip(c, *bucket)[0])[None] for c in clips]
+    decode = (time.thread_time() - c0) / len(clips)
+    vae = ltxv_tiny.build_tiny_vae()
+
+    def one(i: int) -> tuple[float, torch.Tensor]:
+        with torch.inference_mode():
+            c = time.thread_time()
+            latents = ltxv.encode_video(vae, pixels[i], "sample", [i])
+            return time.thread_time() - c, latents
+
+    with intra_op_threads(1), ThreadPoolExecutor(max(lanes, 1)) as pool:
+        done = list(pool.map(one, range(len(pixels))))
+    c0 = time.thread_time()
+    for i, (_, latents) in enumerate(done):
+        save_tensors_atomic(tmp / f"latent{i}.safetensors", {"latents": latents[0].float()}, {"fps": "24.0"})
+    write = (time.thread_time() - c0) / len(clips)
+    return sum(c for c, _ in done) / len(clips), decode, write
+
+
 def stage_seconds(report: str) -> float:
     """The encoding stage's seconds from the preprocessing report (`time: ... latents X s`)."""
     return float(re.search(r"latents (\d+\.\d+) s", report).group(1))
+
+
+def process_stage(config: Path) -> float:
+    """The encoding stage's seconds in `python train.py CONFIG --only preprocess`: a run as users start it, where
+    each kernel runs for the first time inside the stage."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), str(config), "--only", "preprocess"], capture_output=True, text=True
+    )
+    if out.returncode:
+        raise SystemExit(f"train.py --only preprocess failed:\n{out.stdout}{out.stderr}")
+    return stage_seconds(out.stdout + out.stderr)
 
 
 def process_noop(config: Path, repeat: int) -> tuple[list[float], list[float]]:
@@ -181,6 +220,8 @@ def main() -> None:
         for i, clip in enumerate(clips):
             make_clip(clip, w, h, args.frames, seed=i, caption=f"a red ball bouncing {i}")
         cfgs = {n: validate_config(raw_config(folder, w, h, n)) for n in workers}
+        first_yaml = Path(tmp) / "first.yaml"
+        first_yaml.write_text(yaml.safe_dump(raw_config(folder, w, h, workers[0])))
         timed(cfgs[workers[0]])  # warm-up: first decode, first conv kernels, page cache
 
         # Each round measures the limit and then every setting back to back, so a neighbour's load hits a round's
@@ -188,6 +229,7 @@ def main() -> None:
         limits, vae_limits, one_encoder = [], [], []
         runs: dict = {n: [] for n in workers}
         stages: dict = {n: [] for n in workers}
+        fresh: list[float] = []
         busy0, steal0 = cpu_steal()
         for r in range(args.rounds):
             t5, vae, vae_one = encode_limit(clips, w, h, device, lanes)
@@ -199,6 +241,8 @@ def main() -> None:
                 seconds, report = timed(cfgs[n])
                 runs[n].append(seconds)
                 stages[n].append(stage_seconds(report))
+            shutil.rmtree(cache_root(folder), ignore_errors=True)
+            fresh.append(process_stage(first_yaml))
         busy1, steal1 = cpu_steal()
         steal = 100 * (steal1 - steal0) / max(busy1 - busy0, 1e-9)
         print(
@@ -216,6 +260,21 @@ def main() -> None:
                 f"the stage runs it" + (f", {share(one)} of it as one encoder" if lanes else "") + "; "
                 f"whole call {rate(args.clips, runs[n])} = {share(whole)} of the T5 + VAE limit"
             )
+        if lanes:
+            out = Path(tmp) / "budget"
+            out.mkdir()
+            vae_cpu, decode_cpu, write_cpu = cpu_budget(clips, w, h, lanes, out)
+            print(
+                f"CPU time per clip, one thread: VAE {1000 * vae_cpu:.1f} ms, decode + conversion "
+                f"{1000 * decode_cpu:.1f} ms, cache write {1000 * write_cpu:.1f} ms: with every core encoding, the "
+                f"stage can reach at most {100 * vae_cpu / (vae_cpu + decode_cpu + write_cpu):.0f} % of the VAE alone"
+            )
+        name = f"num_workers={workers[0]}" if workers[0] is not None else "default"
+        stage = [lim / t for lim, t in zip(vae_limits, fresh, strict=True)]
+        print(
+            f"{name:>14} in a fresh process (train.py --only preprocess, as users run it): encoding stage "
+            f"{rate(args.clips, fresh)} = {share(stage)} of the VAE alone as the stage runs it"
+        )
         cfg = cfgs[workers[0]]
         warm, out = timed(cfg)
         assert "cache reused" in out, out

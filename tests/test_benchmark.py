@@ -133,5 +133,9 @@ def test_preprocess_benchmark_runs_on_cpu_and_prints_every_figure(tmp_path):
     assert "on cpu" in out and "one-thread lanes" in out  # 128x96x17 clips on the CPU: lanes
     assert re.search(r"VAE alone as the stage runs it [\d.]+ clips/s best", out)
     assert re.search(r"default: encoding stage [\d.]+ clips/s best, [\d.]+ median = \d+ % median \(\d+-\d+ %\)", out)
+    assert re.search(
+        r"default in a fresh process \(train.py --only preprocess, .*\): encoding stage [\d.]+ clips/s", out
+    )
+    assert re.search(r"CPU time per clip, one thread: VAE [\d.]+ ms, .* can reach at most \d+ % of the VAE alone", out)
     assert "one latent encoded" in out and "no-op process" in out
     assert re.search(r"encoder off the CPU .* = \d+ % of the limit", out)
