@@ -204,7 +204,7 @@ def main() -> None:
     device = _device()
     lanes = lane_count() if cpu_lanes(device, (w // 32 * 32, h // 32 * 32, 17)) else 0
     arrangement = (
-        f"{lanes} one-thread lanes (each worker decodes and encodes)"
+        f"{lanes} one-thread lanes (decoding a round side by side, then encoding it)"
         if lanes
         else f"{decode_workers(None)} decode thread(s) beside one encoder"
     )

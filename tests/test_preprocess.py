@@ -544,6 +544,50 @@ def test_where_clips_are_encoded(tmp_path: Path, monkeypatch, torch_threads, lan
         assert threads == {"MainThread"} and {n for _, n in seen} == {2}
 
 
+def test_lanes_decode_in_rounds_and_never_beside_an_encoding_lane(tmp_path: Path, monkeypatch, torch_threads):
+    """CPU lanes decode a round of clips side by side, then encode them side by side: a decode never runs while a
+    lane encodes (PyAV's many hand-overs of Python's lock stall beside a VAE). Both lanes do both."""
+    from ltxv_tuner import encode
+    from ltxv_tuner.models import ltxv
+
+    spans: list[tuple[str, str, float, float]] = []
+    real_encode, real_read = ltxv.encode_video, encode.read_clip
+
+    def timed(kind, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spans.append((kind, threading.current_thread().name, t0, time.perf_counter()))
+
+        return run
+
+    monkeypatch.setattr(ltxv, "encode_video", timed("encode", real_encode))
+    monkeypatch.setattr(encode, "read_clip", timed("decode", real_read))
+    monkeypatch.setattr(encode, "ROUND_PER_LANE", 2)  # 4 clips a round: 3 rounds for 10 clips
+    torch_threads(2)
+    folder = make_dataset(tmp_path / "d", n=10)
+    manifest = Manifest.read(run_preprocess(make_cfg(folder)))
+    assert len(manifest.clips) == 10
+    decodes = [s for s in spans if s[0] == "decode"]
+    encodes = [s for s in spans if s[0] == "encode"]
+    assert len(decodes) == len(encodes) == 10
+    assert len({s[1] for s in decodes}) == len({s[1] for s in encodes}) == 2
+    overlaps = [(d, e) for d in decodes for e in encodes if d[2] < e[3] and e[2] < d[3]]
+    assert not overlaps
+
+
+def test_a_round_holds_at_most_its_share_of_memory():
+    from ltxv_tuner import encode
+
+    assert encode.round_size(2, 1, (128, 96, 17)) == 2 * encode.ROUND_PER_LANE
+    big = (256, 192, 33)  # the largest lane bucket: 19.5 MB of float32 frames a clip
+    n = encode.round_size(2, 1, big)
+    assert 2 <= n < 2 * encode.ROUND_PER_LANE and n * 256 * 192 * 33 * 3 * 4 <= encode.ROUND_MAX_BYTES
+    assert encode.round_size(4, 64, big) == 4  # never fewer batches than lanes
+
+
 def _file_content(path: Path) -> tuple[bytes, dict]:
     """Every tensor's bytes and the metadata (safetensors writes metadata keys in a varying order, so the file's
     own bytes are not comparable)."""

@@ -59,8 +59,8 @@ class PreprocessingConfig(_Section):
         ge=0,
         description="Background threads decoding, resizing and converting videos while the VAE encodes on a GPU (0 = "
         "decode inline; null = automatic: half the CPU cores, 1 to 4), and on the CPU for clips above 256x192x33. "
-        "Smaller clips on the CPU are encoded in one lane per torch thread instead, each lane decoding its own clips. "
-        "The cache is bit-identical whatever the count.",
+        "Smaller clips on the CPU are encoded in one lane per torch thread instead, the lanes decoding a round of "
+        "clips side by side and then encoding them. The cache is bit-identical whatever the count.",
     )
     vae_tiling: bool = Field(False, description="Tiled VAE encoding: lower memory for large frames, slightly slower.")
     vae_posterior: Literal["sample", "mode"] = Field(

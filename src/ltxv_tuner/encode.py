@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,14 +108,22 @@ def convert_on_device(device: str) -> bool:
     return device != "cpu"
 
 
-# On the CPU, buckets up to this many pixels (w x h x frames) are encoded in lanes: each worker thread decodes *and*
-# encodes its own clips with one torch thread. Measured on 2 cores with the tiny VAE (benchmarks/preprocess.py):
+# On the CPU, buckets up to this many pixels (w x h x frames) are encoded in lanes: worker threads that decode *and*
+# encode clips, each encoding with one torch thread. Measured on 2 cores with the tiny VAE (benchmarks/preprocess.py):
 # the VAE alone ran as fast or faster in 2 one-thread lanes as with 2 intra-op threads up to 256x192x33 (52 against
 # 44-50 clips/s at 128x96x17, 4.0 against 4.0 at 256x192x33), slower above (1.8 against 2.5 at 512x384x49), and a
 # decode thread beside a VAE that uses every core stalls it (the stage at 128x96x17: 29 clips/s with a decode
 # thread, 34 decoding inline, 40-42 in lanes).
 LANE_MAX_PIXELS = 256 * 192 * 33
 MAX_LANES = 8  # beyond a few lanes Python's lock, not the cores, bounds small clips (not measured past 2 cores)
+# Lanes work in rounds: every lane decodes, then every lane encodes (_in_rounds). A decode beside another lane's VAE
+# took 8 ms of wall time for its 3 ms of CPU: PyAV lets go of Python's lock for each frame it demuxes, decodes and
+# converts, and must win it back from the VAE's Python each time. Decoding side by side, the lanes only wait for each
+# other. Measured (2 cores, 128x96x17, 50 clips, the stage against the VAE alone in lanes, medians of 6-10 paired
+# rounds, four runs): 79-84 % decoding clip by clip, 84-92 % in rounds of 8 per lane. A round holds its clips'
+# frames, converted to float32, at once: at most ROUND_MAX_BYTES of them.
+ROUND_PER_LANE = 8
+ROUND_MAX_BYTES = 128 << 20
 
 
 def cpu_lanes(device: str, bucket: tuple[int, int, int]) -> bool:
@@ -151,6 +159,36 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def round_size(lanes: int, batch_size: int, bucket: tuple[int, int, int]) -> int:
+    """Batches per round of the lanes: ROUND_PER_LANE per lane, fewer where their frames (float32) would pass
+    ROUND_MAX_BYTES (at least one per lane)."""
+    w, h, f = bucket
+    fit = ROUND_MAX_BYTES // (batch_size * w * h * f * 3 * 4)
+    return max(lanes, min(ROUND_PER_LANE * lanes, fit))
+
+
+def _in_rounds(units: list, first: Callable, second: Callable, workers: int, per_round: int) -> Iterator[tuple]:
+    """(unit, first(unit), second(first(unit))) in order, on `workers` threads: `per_round` units at a time go
+    through `first`, then through `second` (the threads never run both at once)."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-worker") as pool:
+        # Start every thread now: the executor starts one per task only while none is idle, so a round of quick
+        # decodes could leave a lane unstarted and the encodes on fewer threads. Tasks that wait for each other
+        # keep the threads busy until all of them exist.
+        barrier = threading.Barrier(workers)
+        for _ in range(workers):
+            pool.submit(barrier.wait)
+        for start in range(0, len(units), per_round):
+            chunk = units[start : start + per_round]
+            done = list(pool.map(first, chunk))
+            pending = [pool.submit(second, r) for r in done]
+            try:
+                for unit, r, fut in zip(chunk, done, pending, strict=True):
+                    yield unit, r, fut.result()
+            finally:
+                for fut in pending:  # an error (or a consumer that stopped) leaves nothing queued behind it
+                    fut.cancel()
 
 
 def _in_order(units: list, fn: Callable, workers: int, ahead: int) -> Iterator[tuple]:
@@ -241,8 +279,9 @@ def encode_latents(
     """Encode one latent per item (items share no key). Returns fps per latent key; bad videos go to on_bad.
 
     Work goes in same-bucket batches (items keep folder order inside a bucket). On a GPU, worker threads decode
-    the coming batches while the main thread encodes; on the CPU, small buckets go in lanes (cpu_lanes), each worker
-    decoding and encoding its own batches. Files are written on a background thread either way."""
+    the coming batches while the main thread encodes; on the CPU, small buckets go in lanes (cpu_lanes), worker
+    threads that decode a round of batches side by side and then encode them. Files are written on a background
+    thread either way."""
     pp = cfg.dataset.preprocessing
     fam = family(cfg.model)
     t0 = time.perf_counter()
@@ -280,14 +319,31 @@ def encode_latents(
             out.append(tensors)
         return out
 
-    def work(batch: list[_Item], lanes: bool):  # in a worker thread, unless num_workers is 0 outside lanes
+    def read(batch: list[_Item]) -> tuple[list, list]:  # in a worker thread, unless num_workers is 0 outside lanes
         decoded, bad = [], []
         for item in batch:
             try:
                 decoded.append((item, *decode(item)))
             except VideoError as e:
                 bad.append((item, str(e)))
-        return decoded, bad, (encode(decoded) if lanes and decoded else None)
+        return decoded, bad
+
+    def flow(batches: list, lanes: bool, workers: int) -> Iterator[tuple[list[_Item], list, list, list | None]]:
+        """(batch, decoded, bad, encoded or None: the caller encodes) in order. `workers` lanes decode and encode
+        in rounds; otherwise `workers` decode threads work `ahead` batches ahead of the caller's encoder."""
+        if lanes:
+            per_round = round_size(workers, pp.batch_size, batches[0][0].bucket)
+
+            def encode_read(got: tuple[list, list]) -> list | None:
+                return encode(got[0]) if got[0] else None
+
+            rounds = _in_rounds(batches, read, encode_read, workers, per_round)
+            for batch, (decoded, bad), encoded in rounds:
+                yield batch, decoded, bad, encoded
+            return
+        ahead = max(workers + 1, 2 * workers // pp.batch_size)  # batches decoded ahead: bounded memory
+        for batch, (decoded, bad) in _in_order(batches, read, workers, ahead):
+            yield batch, decoded, bad, None
 
     def store(decoded: list, encoded: list[dict[str, torch.Tensor]]) -> None:
         for (item, _, fps, _), tensors in zip(decoded, encoded, strict=True):
@@ -299,11 +355,10 @@ def encode_latents(
     with progress(total=len(todo), desc="VAE latents", unit="clip") as bar, _Writer() as writer:
         for bucket, group in by_bucket.items():
             lanes = cpu_lanes(device, bucket)
-            workers = lane_count() if lanes else decode_workers(pp.num_workers)
+            workers = lane_count() if lanes else decode_workers(pp.num_workers)  # before the lanes' 1 thread
             batches = [group[i : i + pp.batch_size] for i in range(0, len(group), pp.batch_size)]
-            ahead = max(workers + 1, 2 * workers // pp.batch_size)  # batches decoded ahead: bounded memory
             with intra_op_threads(1 if lanes else None):
-                for batch, (decoded, bad, encoded) in _in_order(batches, partial(work, lanes=lanes), workers, ahead):
+                for batch, decoded, bad, encoded in flow(batches, lanes, workers):
                     for item, why in bad:
                         on_bad(item, why)
                     if decoded:
