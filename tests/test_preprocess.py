@@ -506,9 +506,9 @@ def test_worker_and_thread_counts_give_bit_identical_cache_files(tmp_path: Path,
 
 @pytest.mark.parametrize("lanes", [True, False], ids=["cpu-lanes", "one-encoder"])
 def test_where_clips_are_encoded(tmp_path: Path, monkeypatch, torch_threads, lanes: bool):
-    """Small clips on the CPU are encoded by the lanes that decoded them, one per torch thread, with one torch thread
-    each; otherwise the main thread encodes with torch's own thread count while the workers decode. A clip that fails
-    while decoding is a reported skip either way."""
+    """Small clips on the CPU are encoded by the lanes (worker threads that also decode), one per torch thread, with
+    one torch thread each; otherwise the main thread encodes with torch's own thread count while the workers decode.
+    A clip that fails while decoding is a reported skip either way."""
     from ltxv_tuner import encode
     from ltxv_tuner.models import ltxv
     from ltxv_tuner.video import VideoError
