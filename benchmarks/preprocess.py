@@ -152,12 +152,14 @@ def stage_seconds(report: str) -> float:
     return float(re.search(r"latents (\d+\.\d+) s", report).group(1))
 
 
+def preprocess_command(config: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), str(config), "--only", "preprocess"]
+
+
 def process_stage(config: Path) -> float:
     """The encoding stage's seconds in `python train.py CONFIG --only preprocess`: a run as users start it, where
     each kernel runs for the first time inside the stage."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), str(config), "--only", "preprocess"], capture_output=True, text=True
-    )
+    out = subprocess.run(preprocess_command(config), capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"train.py --only preprocess failed:\n{out.stdout}{out.stderr}")
     return stage_seconds(out.stdout + out.stderr)
@@ -171,7 +173,7 @@ def process_noop(config: Path, repeat: int) -> tuple[list[float], list[float]]:
 
     noop, floor = [], []
     for _ in range(repeat):  # alternated: a busy moment hits both alike
-        noop.append(run([sys.executable, str(ROOT / "train.py"), str(config), "--only", "preprocess"]))
+        noop.append(run(preprocess_command(config)))
         floor.append(run([sys.executable, "-c", "import torch"]))
     return noop, floor
 
@@ -220,7 +222,7 @@ def main() -> None:
         for i, clip in enumerate(clips):
             make_clip(clip, w, h, args.frames, seed=i, caption=f"a red ball bouncing {i}")
         cfgs = {n: validate_config(raw_config(folder, w, h, n)) for n in workers}
-        first_yaml = Path(tmp) / "first.yaml"
+        first_yaml = Path(tmp) / "bench.yaml"  # the first setting, for the runs in a process of their own
         first_yaml.write_text(yaml.safe_dump(raw_config(folder, w, h, workers[0])))
         timed(cfgs[workers[0]])  # warm-up: first decode, first conv kernels, page cache
 
@@ -283,9 +285,7 @@ def main() -> None:
         assert re.search(rf"latents\s+1\s+{args.clips}\n", out), out  # one encoded, the rest reused
         print(f"warm, nothing to do: {warm * 1000:.1f} ms in process; add one clip: {add:.2f} s (one latent encoded)")
 
-        config = Path(tmp) / "bench.yaml"
-        config.write_text(yaml.safe_dump(raw_config(folder, w, h, workers[0])))
-        noop, floor = process_noop(config, args.rounds)
+        noop, floor = process_noop(first_yaml, args.rounds)
         print(f"no-op process (train.py --only preprocess): {stats(noop)}; `import torch` alone: {stats(floor)}")
         (folder / "zz_new.mp4").unlink()
         overlap(folder, cfgs, workers, args.clips, statistics.median(vae_limits) / args.clips)
